@@ -1,0 +1,392 @@
+"""The policy: load Qwen2.5-VL (a local folder) or build the tiny offline model; batched sampling of
+K completions per question; teacher-forced per-token log-probs that match the sampler.
+
+Used by train.py, eval.py and bench.py:
+
+    model, processor = load("tiny")                      # or load("/models/Qwen2.5-VL-3B-Instruct")
+    ro = generate(model, processor, questions, images, num_samples=8, max_new_tokens=2048)
+    logp = token_logprobs(model, ro)                     # [B*K, T], same distribution as the sampler
+    save(model, processor, "runs/x/final")
+
+Nothing here is fetched from the network and nothing uses trust_remote_code. Works without
+torchvision: Qwen2_5_VLProcessor needs a video processor (torchvision), so ImageProcessor below is an
+image-only subclass using Qwen2VLImageProcessorPil (DESIGN.md §7 traps).
+"""
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# Qwen2.5's special tokens, in Qwen's id order after the ordinary vocabulary. The tiny tokenizer
+# carries the same strings so the same chat template and processor code serve both models.
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Sampling one of these breaks the next forward ("Image features and image tokens do not match").
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
+                 "<|video_pad|>", "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>",
+                 "<|object_ref_start|>", "<|object_ref_end|>"]
+END_TOKENS = ["<|im_end|>", "<|endoftext|>"]
+
+# Qwen2.5-VL's chat template, reduced to images + text (no video, no tools).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Tiny model's image budget: 28x28-pixel cells after the 2x2 merge, 4..16 image tokens per map, so
+# a CPU step stays fast. Real models keep their own processor settings unless --max-pixels is given.
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 112 * 112
+
+
+class ImageProcessor(Qwen2_5_VLProcessor):
+    """Qwen2_5_VLProcessor without the video slot (that slot needs torchvision).
+
+    Must be registered with AutoProcessor, or AutoProcessor.from_pretrained silently returns only
+    the tokenizer (DESIGN.md §7).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        # Build the parts by hand: a real checkpoint names Qwen2VLImageProcessor (torchvision) and
+        # Qwen2_5_VLProcessor (video) in its configs; both are replaced here.
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        template = getattr(tokenizer, "chat_template", None)
+        for name in ("chat_template.jinja", "chat_template.json"):
+            file = os.path.join(path, name)
+            if template is None and os.path.exists(file):
+                import json
+                with open(file, encoding="utf-8") as f:
+                    template = f.read() if name.endswith(".jinja") else json.load(f)["chat_template"]
+        return cls(image_processor, tokenizer, chat_template=template or CHAT_TEMPLATE)
+
+
+AutoProcessor.register(Qwen2_5_VLConfig, ImageProcessor, exist_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny model (DESIGN.md §7): random weights, tokenizer trained offline on a fixed corpus.
+
+def _tiny_corpus():
+    """A fixed, deterministic corpus for the tiny BPE tokenizer.
+
+    The answer formats of every question type are in it many times, so BPE learns "\\boxed{yes}",
+    "Route Name: " and the like as single tokens. A random tiny policy then emits a well-formed answer
+    now and then, which is what gives GRPO any signal at all (DESIGN.md §7, last trap: a strict
+    multi-token reward gives a random model nothing). Real Qwen has its own tokenizer; this choice
+    only shapes the CPU quick start.
+    """
+    answers = ["yes", "no", "A", "B", "C", "D"] + [str(i) for i in range(21)]
+    boxed = [f"\\boxed{{{a}}}" for a in answers]
+    route = ["Route Name: Line {i}\nDeparture Stop: Stop {j}\nArrival Stop: Stop {k}\n"
+             "Number of Via Stops: {n}\n--\n".format(i=i, j=j, k=k, n=(i + j) % 7)
+             for i in range(1, 10) for j in range(1, 6) for k in range(1, 4)]
+    words = ("Please answer the question about the metro map in the image. Are the stops on the "
+             "same line? Is the station on line? How many lines pass through the station? How many "
+             "intermediate stops are there between them? Which of the options is right? Plan a "
+             "route from the departure station to the arrival station with the fewest transfers. "
+             "Put your final answer in \\boxed{} . Answer in the following format: ")
+    return [words] * 20 + boxed * 40 + route * 2
+
+
+def build_tokenizer(vocab_size=640):
+    """Byte-level BPE trained on _tiny_corpus(): deterministic, offline, covers any UTF-8 text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    # No regex split, so merges may cross spaces and braces ("\boxed{yes}" becomes one token).
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    # padding_side is saved only when given to the constructor (DESIGN.md §7).
+    return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left",
+                                   eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE)
+
+
+def build_tiny(seed=0):
+    """The embedded default policy: a ~1.4 M-parameter Qwen2.5-VL with random weights."""
+    tokenizer = build_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = (len(tokenizer) + 63) // 64 * 64
+    heads, hidden = 4, 128
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=384, num_hidden_layers=4,
+            num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=8192,
+            # M-RoPE sections (t, h, w) must sum to head_dim / 2 = 16 (DESIGN.md §7).
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [4, 6, 6]},
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(
+            depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=hidden,
+            fullatt_block_indexes=[1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids[t] for t in END_TOKENS], pad_token_id=ids["<|endoftext|>"])
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
+        patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = ImageProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and saving.
+
+def load(name_or_path, *, device="cpu", dtype=None, max_pixels=None, attn_implementation=None):
+    """("tiny" | local Qwen2.5-VL folder) -> (model, processor). No network, no remote code."""
+    if name_or_path == "tiny":
+        model, processor = build_tiny()
+    else:
+        if not os.path.isdir(name_or_path):
+            raise FileNotFoundError(f"--model {name_or_path!r}: not 'tiny' and not a local folder "
+                                    "(nothing is downloaded; point at a Qwen2.5-VL checkpoint)")
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            name_or_path, local_files_only=True, **kwargs)
+        processor = ImageProcessor.from_pretrained(name_or_path)
+    processor.tokenizer.padding_side = "left"
+    if max_pixels:
+        processor.image_processor.size["longest_edge"] = int(max_pixels)
+        processor.image_processor.size["shortest_edge"] = min(
+            processor.image_processor.size["shortest_edge"], int(max_pixels))
+    if dtype is not None:
+        model.to(dtype)
+    return model.to(device), processor
+
+
+def save(model, processor, out_dir):
+    """save_pretrained of model (safetensors) and processor; reload with load(out_dir)."""
+    model = getattr(model, "module", model)          # unwrap DDP
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and log-probs.
+
+@dataclass
+class Rollout:
+    """K completions for each of B questions, question-major (row q*K + k)."""
+    texts: list                     # decoded completions, without the end-of-turn token
+    truncated: list                 # True when max_new_tokens ran out before end-of-turn
+    lengths: list                   # completion tokens, end-of-turn included
+    num_samples: int
+    input_ids: torch.Tensor         # [B*K, P+T] left-padded prompt + right-padded completion
+    attention_mask: torch.Tensor    # [B*K, P+T]
+    mm_token_type_ids: torch.Tensor  # [B*K, P+T] 1 on image tokens (M-RoPE needs it, DESIGN §7)
+    completion_mask: torch.Tensor   # [B*K, T] float, 1 up to and including end-of-turn
+    prompt_len: int                 # P
+    pixel_values: torch.Tensor = None   # one entry per question that has an image (not per sample)
+    image_grid_thw: torch.Tensor = None
+    has_image: list = field(default_factory=list)   # per question
+    suppress_ids: list = field(default_factory=list)
+    sample_logprobs: torch.Tensor = None   # only with generate(..., with_logprobs=True)
+
+    @property
+    def completion_ids(self):
+        return self.input_ids[:, self.prompt_len:]
+
+
+def build_prompts(processor, questions):
+    """One user turn per question: the image, then the question text (§5.1 uses the plain question)."""
+    out = []
+    for q, has_image in questions:
+        content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": q}]
+        out.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                 tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def encode(processor, questions, images):
+    """Tokenise prompts + preprocess images (None = no image for that question), left-padded."""
+    if len(questions) != len(images):
+        raise ValueError(f"{len(questions)} questions but {len(images)} images")
+    has_image = [im is not None for im in images]
+    prompts = build_prompts(processor, list(zip(questions, has_image)))
+    ims = [im.convert("RGB") if im.mode != "RGB" else im for im in images if im is not None]
+    processor.tokenizer.padding_side = "left"
+    enc = processor(text=prompts, images=ims or None, return_tensors="pt", padding=True)
+    if "mm_token_type_ids" not in enc:
+        enc["mm_token_type_ids"] = torch.zeros_like(enc["input_ids"])
+    return enc, has_image
+
+
+def _special_ids(processor, names):
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in names]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+def _unwrap(model):
+    # DDP keeps the model in .module; FSDP2 (fully_shard) modifies it in place.
+    return getattr(model, "module", model)
+
+
+@torch.no_grad()
+def generate(model, processor, questions, images, *, num_samples=1, max_new_tokens=256,
+             greedy=False, temperature=1.0, with_logprobs=False):
+    """Sample num_samples completions per question. Returns a Rollout (question-major).
+
+    with_logprobs=True also keeps the sampler's own log-probs (rollout.sample_logprobs, [B*K, T]),
+    what token_logprobs must reproduce (the agreement test).
+
+    Sampling is plain temperature sampling (temperature 1.0, top_k=0, top_p=1: the released code's
+    settings); the checkpoint's own generation_config (Qwen ships top_k=1, temperature 0.1,
+    repetition_penalty 1.05) is deliberately ignored. Vision special tokens are suppressed.
+    """
+    net = _unwrap(model)
+    device = next(net.parameters()).device
+    enc, has_image = encode(processor, questions, images)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    end_ids = _special_ids(processor, END_TOKENS)
+    pad_id = processor.tokenizer.pad_token_id
+    suppress = _special_ids(processor, VISION_TOKENS)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
+        num_return_sequences=1 if greedy else num_samples,
+        temperature=None if greedy else temperature, top_k=None if greedy else 0,
+        top_p=None if greedy else 1.0, min_p=None,
+        repetition_penalty=1.0, suppress_tokens=suppress, eos_token_id=end_ids,
+        pad_token_id=pad_id, use_cache=True, output_scores=with_logprobs,
+        return_dict_in_generate=with_logprobs)
+    # num_return_sequences expands inputs after preprocessing, so each image is preprocessed once;
+    # the vision tower still runs K times in the prefill (HF expands pixel_values), which is small
+    # beside decoding. token_logprobs encodes each image once and shares the features.
+    was_training = net.training
+    net.eval()
+    try:
+        out = net.generate(**enc, generation_config=gen)
+    finally:
+        net.train(was_training)
+    sequences = out if torch.is_tensor(out) else out.sequences
+    k = num_samples
+    if greedy and k > 1:
+        sequences = sequences.repeat_interleave(k, dim=0)
+    P = enc["input_ids"].shape[1]
+    completion = sequences[:, P:]
+    is_end = torch.isin(completion, torch.tensor(end_ids, device=completion.device))
+    T = completion.shape[1]
+    ended = is_end.any(dim=1)
+    first_end = torch.where(ended, is_end.float().argmax(dim=1), torch.full_like(ended, T, dtype=torch.long))
+    lengths = torch.where(ended, first_end + 1, torch.full_like(first_end, T))
+    completion_mask = (torch.arange(T, device=completion.device)[None, :] < lengths[:, None]).float()
+    completion = torch.where(completion_mask.bool(), completion, torch.full_like(completion, pad_id))
+    texts = processor.tokenizer.batch_decode(
+        [row[: int(n)].tolist() for row, n in zip(completion, torch.where(ended, first_end, lengths))],
+        skip_special_tokens=True)
+    rep = lambda t: t.repeat_interleave(k, dim=0)
+    input_ids = torch.cat([rep(enc["input_ids"]), completion], dim=1)
+    attention_mask = torch.cat([rep(enc["attention_mask"]), completion_mask.long()], dim=1)
+    mm = torch.cat([rep(enc["mm_token_type_ids"]), torch.zeros_like(completion)], dim=1)
+    sample_logprobs = None
+    if with_logprobs:
+        scores = torch.stack(out.scores, dim=1).float()             # [B*K, T, V] after processors
+        step = k if greedy else 1                                    # greedy rows were repeated
+        sample_logprobs = torch.gather(F.log_softmax(scores, dim=-1), 2,
+                                       completion[::step].unsqueeze(-1)).squeeze(-1)
+        sample_logprobs = sample_logprobs.repeat_interleave(step, dim=0) * completion_mask
+    return Rollout(texts=texts, sample_logprobs=sample_logprobs, truncated=(~ended).tolist(), lengths=lengths.tolist(),
+                   num_samples=k, input_ids=input_ids, attention_mask=attention_mask,
+                   mm_token_type_ids=mm, completion_mask=completion_mask, prompt_len=P,
+                   pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
+                   has_image=has_image, suppress_ids=suppress)
+
+
+def select(rollout, questions):
+    """The sub-rollout of the given question indices (for micro-batching the update)."""
+    k, qs = rollout.num_samples, list(questions)
+    rows = torch.tensor([q * k + j for q in qs for j in range(k)], dtype=torch.long)
+    pix = grid = None
+    if rollout.image_grid_thw is not None and any(rollout.has_image[q] for q in qs):
+        # image i of the batch belongs to the i-th question that has an image
+        img_index = [sum(rollout.has_image[:q]) for q in range(len(rollout.has_image))]
+        patches = rollout.image_grid_thw.prod(dim=1)
+        starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+        keep = [img_index[q] for q in qs if rollout.has_image[q]]
+        pix = torch.cat([rollout.pixel_values[starts[i]:starts[i + 1]] for i in keep])
+        grid = rollout.image_grid_thw[keep]
+    # drop columns that are padding in every kept row so micro-batches stay short
+    am = rollout.attention_mask[rows]
+    first = int(am[:, :rollout.prompt_len].any(dim=0).float().argmax())
+    T = int(rollout.completion_mask[rows].sum(dim=1).max())
+    end = rollout.prompt_len + max(T, 1)
+    return Rollout(
+        texts=[rollout.texts[i] for i in rows.tolist()],
+        truncated=[rollout.truncated[i] for i in rows.tolist()],
+        lengths=[rollout.lengths[i] for i in rows.tolist()], num_samples=k,
+        input_ids=rollout.input_ids[rows, first:end], attention_mask=am[:, first:end],
+        mm_token_type_ids=rollout.mm_token_type_ids[rows, first:end],
+        completion_mask=rollout.completion_mask[rows, :max(T, 1)],
+        prompt_len=rollout.prompt_len - first, pixel_values=pix, image_grid_thw=grid,
+        has_image=[rollout.has_image[q] for q in qs], suppress_ids=rollout.suppress_ids)
+
+
+def token_logprobs(model, rollout, *, temperature=1.0):
+    """Teacher-forced log p(completion token) under the sampling distribution: [B*K, T] float32.
+
+    Same processing as generate(): logits / temperature, vision tokens masked out, M-RoPE positions
+    from mm_token_type_ids (without it the model silently falls back to 1-D positions, DESIGN §7).
+    Each question's image goes through the vision tower once and its features are shared by its K
+    samples (mm_encoder_outputs), so gradients reach the vision tower once per image, not K times.
+    Positions past end-of-turn are 0 (mask them with rollout.completion_mask).
+    """
+    net = _unwrap(model)
+    k = rollout.num_samples
+    kwargs = dict(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                  mm_token_type_ids=rollout.mm_token_type_ids, use_cache=False,
+                  logits_to_keep=rollout.completion_mask.shape[1] + 1)
+    device = next(net.parameters()).device
+    kwargs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in kwargs.items()}
+    if rollout.pixel_values is not None:
+        grid = rollout.image_grid_thw.to(device)
+        feats = net.model.get_image_features(rollout.pixel_values.to(device), grid, return_dict=True)
+        per_image = list(feats.pooler_output)
+        shared = [f for f in per_image for _ in range(k)]
+        feats.pooler_output = shared
+        kwargs["mm_encoder_outputs"] = {"image": feats}
+        kwargs["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
+    # Call through `model` (not `net`) so DDP sees the forward and syncs gradients.
+    logits = model(**kwargs).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if rollout.suppress_ids:
+        logits[..., rollout.suppress_ids] = float("-inf")
+    targets = rollout.completion_ids.to(device)
+    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+    return logp * rollout.completion_mask.to(device)
