@@ -5,8 +5,9 @@ Used by train.py (`torchrun ... train.py --model tiny --data FILE.jsonl --out DI
 group_advantages() on the rewards of each rank's groups and grpo_loss() on token log-probs;
 tested by `python test_all.py grpo`.
 
-The paper's equations (§4.1). For a question q, sample a group of G responses o_1..o_G from the
-old policy, score them with the reward r_i (reward.py), then
+The equations of §4.1, in the form DESIGN.md §4 fixes (centred advantage, token-mean). For a
+question q, sample a group of G responses o_1..o_G from the old policy, score them with the
+reward r_i (reward.py), then
 
     Â_i      = r_i − mean(r_1..r_G)                                  (group-relative advantage)
     ρ_i,t    = π_θ(o_i,t | q, o_i,<t) / π_θold(o_i,t | q, o_i,<t)     (token probability ratio)
