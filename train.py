@@ -1,0 +1,539 @@
+"""RewardMap training (§4, §5.1): multi-stage GRPO with the difficulty-aware detail reward.
+
+    python train.py                                     # CPU quick start: tiny model, synthetic maps
+    torchrun --standalone --nproc_per_node=N train.py --model tiny|PATH --data FILE.jsonl --out DIR
+    torchrun ... train.py --model /models/Qwen2.5-VL-7B-Instruct --data train.jsonl --out runs/7b \
+        --bf16 --fsdp --grad-checkpointing                # 7B on 8x80 GB
+    python train.py --resume runs/quickstart/step-20 --out runs/quickstart   # continue a run
+
+One step (a thin composition of model.py, reward.py, grpo.py, curriculum.py):
+  1. curriculum.epoch_batches gives this rank its share of the global batch (§4.3 stage order);
+  2. model.generate samples K completions per question (each rank samples whole groups, so the
+     group-relative advantage needs no cross-rank gather);
+  3. reward.compute_reward scores them (§4.2, Alg. 1); grpo.group_advantages centres per group;
+  4. model.token_logprobs (teacher-forced) -> grpo.grpo_loss -> backward; DDP averages gradients;
+     AdamW step with grad-norm clip 1.0.
+One optimiser update per batch (as the release, ppo_epochs 1), so π_θold = π_θ at the update and
+old_logp = logp.detach(): the ratio is exactly 1 and no second forward is spent on it. The
+surrogate's gradient is still the policy gradient Â·∇log π (grpo.py module note).
+
+Defaults. With a real --model path the paper's §5.1 settings apply (lr 1e-6, KL 1e-3, K=8, 16
+questions per global step, α=0.5, curriculum rewardmap, 2048 new tokens, AdamW weight decay 1e-2,
+grad clip 1.0, temperature 1.0, one pass over the data). With --model tiny (no arguments at all:
+the README quick start) the CPU settings below apply instead: a random 1.2 M-parameter model
+needs a large learning rate, short answers and no KL to learn anything in minutes.
+
+Outputs in --out: config.json, metrics.jsonl (a line per step), step-N/ every --save-every steps
+and final/ (model + processor via save_pretrained, trainer_state.pt with optimiser, RNG and
+curriculum position, written to a temp dir and renamed), and data/ when the quick start made it.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import curriculum
+import grpo
+import model as model_mod
+import reward
+
+# §5.1 (and the release for what the paper does not state).
+PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
+             weight_decay=1e-2, epochs=1, micro_batch=1)
+# CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
+# random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward).
+# Measured on 2 cores: see the README quick start for its wall time and metrics.
+QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
+             weight_decay=0.0, epochs=2, micro_batch=8)
+QUICK_CITIES = 6
+QUICK_PER_TYPE = 4
+TYPES = curriculum.TYPES
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--model", default="tiny", help="'tiny' (built in code) or a local Qwen2.5-VL folder")
+    p.add_argument("--data", default=None, help="train JSONL (data.py); default: synthesise into OUT/data")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--synth-cities", type=int, default=QUICK_CITIES, help="cities when synthesising")
+    p.add_argument("--synth-per-type", type=int, default=QUICK_PER_TYPE, help="questions per type per city")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="image budget (default: the processor's own; maps are read at most this big)")
+    # algorithm (the paper's ablations)
+    p.add_argument("--algo", choices=("grpo", "sft"), default="grpo",
+                   help="sft: the SFT baseline on gold answers (Table 1's SFT -> RL comparison)")
+    p.add_argument("--curriculum", default="rewardmap", choices=sorted(curriculum.MODES))
+    p.add_argument("--alpha", type=float, default=0.5, help="detail reward weight α (§4.2)")
+    p.add_argument("--no-detail", action="store_true", help="drop the detail reward (ablation)")
+    p.add_argument("--no-difficulty", action="store_true", help="weight 1 for every question (ablation)")
+    p.add_argument("--adv-scale", action="store_true",
+                   help="divide advantages by the group std (release); cancels the difficulty weight")
+    p.add_argument("--kl", type=float, default=None, help="KL coefficient β (0: no reference model)")
+    p.add_argument("--clip-eps", type=float, default=0.2)
+    p.add_argument("--group-size", type=int, default=None, help="K samples per question")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    # optimisation
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=None, help="questions per global step")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="questions per forward/backward in the update (memory knob; same result)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many global steps (0: all)")
+    p.add_argument("--seed", type=int, default=0)
+    # systems
+    p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPU)")
+    p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard per decoder layer (7B)")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--freeze-vision", action="store_true", help="train the language model only")
+    # checkpoints and logs
+    p.add_argument("--save-every", type=int, default=0, help="write OUT/step-N every N steps")
+    p.add_argument("--resume", default=None, help="a step-N/ or final/ folder (or a run folder)")
+    p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # tests only
+    args = p.parse_args(argv)
+    defaults = QUICK if args.model == "tiny" else PAPER
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("group_size", "batch_size", "max_new_tokens", "micro_batch", "epochs"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.algo == "grpo" and args.group_size < 2:
+        p.error("--group-size must be >= 2 for GRPO (a group of one has no relative advantage)")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed setup.
+
+def setup_dist():
+    """(rank, world, local_rank, device). torchrun sets the env; plain python runs one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    else:
+        device = "cpu"
+        # ranks on one CPU host share its cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, local, device
+
+
+def all_gather(obj, world):
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_sum(x, world, device):
+    t = torch.tensor(float(x), device=device, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return float(t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+def prepare_data(args, rank, world):
+    """Records of --data, or of a synthetic set written to OUT/data by rank 0 (quick start)."""
+    import data as data_mod
+    path = args.data
+    if path is None:
+        path = os.path.join(args.out, "data", "train.jsonl")
+        if rank == 0 and not os.path.exists(path):
+            data_mod.synth(os.path.join(args.out, "data"), cities=args.synth_cities, seed=args.seed,
+                           per_type=args.synth_per_type)
+        if world > 1:
+            dist.barrier()
+    records = data_mod.load_records(path)
+    return path, records
+
+
+class ImageCache:
+    """Maps are shared by many questions; read each once (bounded, oldest dropped first)."""
+
+    def __init__(self, jsonl_path, max_pixels, size=64):
+        import data as data_mod
+        self.data, self.root, self.max_pixels, self.size = data_mod, jsonl_path, max_pixels, size
+        self.items = {}
+
+    def __call__(self, record):
+        if not record.get("figure"):
+            return None
+        path = self.data.figure_path(record, self.root)
+        if path not in self.items:
+            if len(self.items) >= self.size:
+                self.items.pop(next(iter(self.items)))
+            kw = {"max_pixels": self.max_pixels} if self.max_pixels else {}
+            self.items[path] = self.data.load_image(path, **kw)
+        return self.items[path]
+
+
+def gold_text(record):
+    """The SFT target (--algo sft): the answer in the format the question asks for."""
+    if record["type"] != "planning":
+        return f"\\boxed{{{record['answer']}}}"
+    parts = []
+    for seg in record["routes"][0]:                   # first reference route (RM App. A.1 format)
+        lines = [f"Route Name: {seg['route_name']}", f"Departure Stop: {seg['departure_stop']}",
+                 f"Arrival Stop: {seg['arrival_stop']}"]
+        if record.get("template") == "long1":
+            lines.append(f"Number of Via Stops: {len(seg['via_stops'])}")
+        elif record.get("template") == "long2":
+            lines.append("Via Stops: " + (", ".join(seg["via_stops"]) or "None"))
+        parts.append("\n".join(lines))
+    return "\n--\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, optimiser, checkpoints.
+
+def build(args, device, world, init_from):
+    """(policy, wrapped policy, processor, reference or None)."""
+    dtype = torch.bfloat16 if args.bf16 else None
+    policy, processor = model_mod.load(init_from, device=device, dtype=dtype,
+                                       max_pixels=args.max_pixels)
+    if args.freeze_vision:
+        for p in policy.model.visual.parameters():
+            p.requires_grad_(False)
+    if args.grad_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.config.use_cache = False
+    policy.train()
+    ref = None
+    if args.kl > 0 and args.algo == "grpo":   # a reference model only when the KL term is on
+        ref, _ = model_mod.load(args.model, device=device, dtype=dtype, max_pixels=args.max_pixels)
+        ref.eval().requires_grad_(False)
+    wrapped = policy
+    if args.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if args.bf16 else MixedPrecisionPolicy()
+        for layer in policy.model.language_model.layers:
+            fully_shard(layer, mp_policy=mp)
+        for block in policy.model.visual.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(policy, mp_policy=mp)
+        if ref is not None:
+            for layer in ref.model.language_model.layers:
+                fully_shard(layer, mp_policy=mp)
+            fully_shard(ref, mp_policy=mp)
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        wrapped = DDP(policy, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    return policy, wrapped, processor, ref
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _full_state(policy, opt, args):
+    """Model and optimiser state dicts, gathered to full tensors under FSDP (all ranks call)."""
+    if not args.fsdp:
+        return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, world):
+    """OUT/name/ atomically: written to OUT/.name.tmp, then os.replace'd. Every rank adds its RNG."""
+    final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
+    model_sd, opt_sd = _full_state(policy, opt, args)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        net = getattr(policy, "module", policy)
+        if model_sd is not None:
+            net.save_pretrained(tmp, state_dict=model_sd)
+            processor.save_pretrained(tmp)
+        else:
+            model_mod.save(net, processor, tmp)
+        torch.save({"optimizer": opt_sd, "step": step, "config": vars(args)},
+                   os.path.join(tmp, "trainer_state.pt"))
+    if world > 1:
+        dist.barrier()
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    if world > 1:
+        dist.barrier()
+
+
+def find_checkpoint(path):
+    """--resume accepts a checkpoint folder or a run folder (its latest step-N, else final)."""
+    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+        return path
+    steps = [d for d in os.listdir(path) if d.startswith("step-") and d[5:].isdigit()] \
+        if os.path.isdir(path) else []
+    for name in sorted(steps, key=lambda d: int(d[5:]), reverse=True) + ["final"]:
+        if os.path.exists(os.path.join(path, name, "trainer_state.pt")):
+            return os.path.join(path, name)
+    raise FileNotFoundError(f"--resume {path!r}: no trainer_state.pt there or in step-N/ final/")
+
+
+def load_optimizer(opt, policy, state, args):
+    if args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(policy, opt, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(state["optimizer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One step.
+
+def score(texts, records, k, args):
+    """Rewards (§4.2) for question-major texts; one dict per completion."""
+    out = []
+    for i, text in enumerate(texts):
+        rec = records[i // k]
+        r = reward.compute_reward(text, rec, alpha=args.alpha, difficulty_aware=not args.no_difficulty,
+                                  detail=not args.no_detail)
+        r["type"] = rec["type"]
+        out.append(r)
+    return out
+
+
+def vision_touch(policy, args):
+    """0 · Σ vision params: keeps DDP in step when a micro-batch has no image (DESIGN §7 trap:
+    the unused vision tower would otherwise miss the all-reduce and ranks diverge or hang)."""
+    if args.freeze_vision:
+        return 0.0
+    return sum(p.sum() for p in policy.model.visual.parameters()) * 0.0
+
+
+def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_now=False):
+    """Teacher-forced log-probs -> GRPO (or SFT) loss -> backward, in micro-batches of questions.
+
+    The loss is the token-mean over the whole global batch: each micro-batch's token sum is divided
+    by the global token count / world (DDP averages over ranks), so micro-batching and the number
+    of ranks change nothing but memory."""
+    n_q = len(rollout.has_image)
+    local_tokens = float(rollout.completion_mask.sum())
+    denom = max(all_sum(local_tokens, world, device) / world, 1.0)
+    chunks = [list(range(i, min(i + args.micro_batch, n_q))) for i in range(0, n_q, args.micro_batch)]
+    stats_sum, loss_sum = {}, 0.0
+    k = rollout.num_samples
+    for j, qs in enumerate(chunks):
+        sub = model_mod.select(rollout, qs)
+        last = j == len(chunks) - 1
+        sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
+        with sync:
+            logp = model_mod.token_logprobs(wrapped, sub, temperature=args.temperature)
+            mask = sub.completion_mask.to(device)
+            if args.algo == "sft":
+                loss = -(logp * mask).sum() / denom
+                st = {"tokens": float(mask.sum())}
+            else:
+                ref_logp = None
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature)
+                adv = advantages[[q * k + s for q in qs for s in range(k)]].to(device)
+                loss, st = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask,
+                                          clip_eps=args.clip_eps, kl_coef=args.kl, num_tokens=denom)
+            if sub.pixel_values is None:
+                loss = loss + vision_touch(policy, args)
+            if nan_now:
+                loss = loss * float("nan")
+            loss.backward()
+        loss_sum += float(loss.detach())
+        w = st.get("tokens", 0.0)
+        for key, v in st.items():
+            stats_sum[key] = stats_sum.get(key, 0.0) + (v if key == "tokens" else v * w)
+    tok = max(stats_sum.get("tokens", 0.0), 1.0)
+    stats = {key: (v if key == "tokens" else v / tok) for key, v in stats_sum.items()}
+    return loss_sum, stats
+
+
+def teacher_rollout(processor, questions, images, targets):
+    """A Rollout whose completions are the gold answers (SFT), built with model.py's own encoding."""
+    import torch.nn.functional as F
+    enc, has_image = model_mod.encode(processor, questions, images)
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids(model_mod.END_TOKENS[0])
+    ids = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in targets]
+    T = max(len(x) for x in ids)
+    comp = torch.tensor([x + [tok.pad_token_id] * (T - len(x)) for x in ids])
+    cmask = torch.tensor([[1.0] * len(x) + [0.0] * (T - len(x)) for x in ids])
+    return model_mod.Rollout(
+        texts=list(targets), truncated=[False] * len(ids), lengths=[len(x) for x in ids],
+        num_samples=1, input_ids=torch.cat([enc["input_ids"], comp], 1),
+        attention_mask=torch.cat([enc["attention_mask"], cmask.long()], 1),
+        mm_token_type_ids=torch.cat([enc["mm_token_type_ids"], torch.zeros_like(comp)], 1),
+        completion_mask=cmask, prompt_len=enc["input_ids"].shape[1],
+        pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
+        has_image=has_image, suppress_ids=model_mod._special_ids(processor, model_mod.VISION_TOKENS))
+
+
+def step_metrics(samples, step, stage, k, loss, stats, times, world, skipped):
+    """One metrics.jsonl line from every rank's per-sample scores (gathered)."""
+    n = max(len(samples), 1)
+    mean = lambda key, rows=samples: sum(s[key] for s in rows) / max(len(rows), 1)
+    groups = [samples[i:i + k] for i in range(0, len(samples), k)]
+    row = {
+        "step": step, "stage": stage, "reward": mean("total"), "format": mean("format"),
+        "correctness": mean("correctness"), "detail": mean("detail"),
+        "accuracy": sum(s["correctness"] > 0 for s in samples) / n,
+        "zero_std_frac": sum(len({g["total"] for g in grp}) == 1 for grp in groups) / max(len(groups), 1),
+        "kl": stats.get("kl", 0.0), "clip_frac": stats.get("clip_frac", 0.0), "loss": loss,
+        "response_length": mean("length"), "truncation_rate": mean("truncated"),
+        "questions": len(groups), "samples": len(samples), "skipped": skipped,
+    }
+    for t in TYPES:
+        rows = [s for s in samples if s["type"] == t]
+        if rows:
+            row[f"reward/{t}"] = mean("total", rows)
+            row[f"acc/{t}"] = sum(s["correctness"] > 0 for s in rows) / len(rows)
+    gen_tokens = sum(s["length"] for s in samples)
+    row["tokens_per_s"] = gen_tokens / max(times["sample"], 1e-9)
+    row.update({f"time/{key}": round(v, 3) for key, v in times.items()})
+    return row
+
+
+def log_row(out_dir, row):
+    with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, local, device = setup_dist()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {world} ranks")
+    os.makedirs(args.out, exist_ok=True)
+    data_path, records = prepare_data(args, rank, world)
+    images = ImageCache(data_path, args.max_pixels)
+
+    start_step, resume_dir = 0, None
+    if args.resume:
+        resume_dir = find_checkpoint(args.resume)
+        state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=False)
+        start_step = state["step"]
+    policy, wrapped, processor, ref = build(args, device, world, resume_dir or args.model)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    if resume_dir:
+        load_optimizer(opt, policy, state, args)
+
+    # The whole plan up front: epoch e is curriculum.epoch_batches(seed, epoch=e); global step s
+    # is plan[s] on every rank, so resuming at step s is just "start at plan[s]".
+    plan = []
+    for epoch in range(args.epochs):
+        plan += curriculum.epoch_batches(records, mode=args.curriculum, seed=args.seed, epoch=epoch,
+                                         batch_size=args.batch_size, rank=rank, world_size=world)
+    total = min(len(plan), args.max_steps) if args.max_steps else len(plan)
+    torch.manual_seed(args.seed * 1000 + rank)   # ranks sample different completions
+    random.seed(args.seed * 1000 + rank)
+    if resume_dir:
+        rng_file = os.path.join(resume_dir, f"rng_rank{rank}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            warnings.warn(f"{rng_file} missing (different world size?): sampling will not repeat")
+    if rank == 0:
+        cfg = dict(vars(args), world_size=world, device=device, data_path=data_path,
+                   records=len(records), steps=total, start_step=start_step,
+                   parameters=sum(p.numel() for p in policy.parameters()),
+                   trainable=sum(p.numel() for p in params))
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        if not resume_dir and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
+            os.remove(os.path.join(args.out, "metrics.jsonl"))
+
+    from tqdm import tqdm
+    bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=rank != 0,
+               desc=f"{args.algo} x{world}", unit="step", dynamic_ncols=True)
+    k = args.group_size if args.algo == "grpo" else 1
+    for step in bar:
+        stage, batch = plan[step]
+        t0 = time.time()
+        ims = [images(r) for r in batch]
+        questions = [r["question"] for r in batch]
+        if args.algo == "sft":
+            rollout = teacher_rollout(processor, questions, ims, [gold_text(r) for r in batch])
+        else:
+            rollout = model_mod.generate(policy, processor, questions, ims, num_samples=k,
+                                         max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature)
+        t1 = time.time()
+        scores = score(rollout.texts, batch, k, args)
+        for s, n, tr in zip(scores, rollout.lengths, rollout.truncated):
+            s["length"], s["truncated"] = n, float(tr)
+        rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
+        adv = grpo.group_advantages(rewards, k, scale=args.adv_scale) if args.algo == "grpo" \
+            else torch.zeros_like(rewards)
+        t2 = time.time()
+        opt.zero_grad(set_to_none=True)
+        loss, stats = update(wrapped, policy, ref, rollout, adv, args, world, device,
+                             nan_now=step + 1 == args.inject_nan_at)
+        # Grads are all-reduced, so a non-finite norm is seen by every rank alike; the loss flag
+        # is summed as well, so all ranks skip together (a lone skip would desync DDP).
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        bad = all_sum(0.0 if math.isfinite(loss) else 1.0, world, device) > 0 or not math.isfinite(norm)
+        if bad:
+            warnings.warn(f"step {step + 1}: non-finite loss/grad-norm ({loss}, {norm}); step skipped")
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        t3 = time.time()
+        all_scores = [s for part in all_gather(scores, world) for s in part]
+        times = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0}
+        row = step_metrics(all_scores, step + 1, stage, k, loss, stats, times, world, bad)
+        row["grad_norm"] = norm
+        if rank == 0:
+            log_row(args.out, row)
+            bar.set_postfix(stage=stage, R=f"{row['reward']:.2f}", fmt=f"{row['format']:.2f}",
+                            acc=f"{row['accuracy']:.2f}")
+        done = step + 1
+        if args.save_every and done % args.save_every == 0 and done < total:
+            save_checkpoint(args.out, f"step-{done}", policy, processor, opt, done, args, rank, world)
+    save_checkpoint(args.out, "final", policy, processor, opt, max(total, start_step), args, rank, world)
+    if rank == 0:
+        print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
