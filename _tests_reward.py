@@ -126,11 +126,11 @@ def test_reward_parse_route_formats():
             for s in parse_route(bold)] == [("1号线", "a", "C")]
     r = compute_reward(one_line, _plan())
     assert _parts(r) == (1.0, 10.0, 7.0)
-    long2 = _route(("Line 1", "A", "C"), extra=["Number of Via Stops: 1 stop"])
-    long1 = _route(("Line 1", "A", "D"), extra=["Via Stops: B Station, C，  ,None"])
-    assert parse_route(long2)[0]["num_via_stops"] == 1 and parse_route(long2)[0]["via_stops"] is None
-    assert parse_route(long1)[0]["via_stops"] == ["B Station", "C"]
-    assert parse_route(long1)[0]["num_via_stops"] is None
+    long1 = _route(("Line 1", "A", "C"), extra=["Number of Via Stops: 1 stop"])
+    long2 = _route(("Line 1", "A", "D"), extra=["Via Stops: B Station, C，  ,None"])
+    assert parse_route(long1)[0]["num_via_stops"] == 1 and parse_route(long1)[0]["via_stops"] is None
+    assert parse_route(long2)[0]["via_stops"] == ["B Station", "C"]
+    assert parse_route(long2)[0]["num_via_stops"] is None
     # the value runs to the next label even when it is "Via Stops" inside "Number of Via Stops"
     both = "Route Name: 1 Departure Stop: A Arrival Stop: D Number of Via Stops: 2 Via Stops: B, C"
     assert parse_route(both) == [{"route_name": "1", "departure_stop": "A", "arrival_stop": "D",
@@ -248,21 +248,21 @@ def test_reward_map_score_short():
 
 def test_reward_map_score_long():
     ref = [[{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "D", "via_stops": ["B", "C"]}]]
-    long2 = _plan(s2="D", q=0, template="long2", routes=ref)
+    long1 = _plan(s2="D", q=0, template="long1", routes=ref)      # "Number of Via Stops"
     seg = ("Line 1", "A", "D")
-    assert map_score(_route(seg, extra=["Number of Via Stops: 2"]), long2) == 1 + 4 + 4 + 20
-    assert map_score(_route(seg, extra=["Number of Via Stops: 3"]), long2) == 1 + 4 + 2 + 20
-    assert map_score(_route(seg), long2) == 1 + 4 + 0 + 20           # missing count reads 0
-    long1 = dict(long2, template="long1")
-    got = map_score(_route(seg, extra=["Via Stops: B Station, Z"]), long1)
+    assert map_score(_route(seg, extra=["Number of Via Stops: 2"]), long1) == 1 + 4 + 4 + 20
+    assert map_score(_route(seg, extra=["Number of Via Stops: 3"]), long1) == 1 + 4 + 2 + 20
+    assert map_score(_route(seg), long1) == 1 + 4 + 0 + 20           # missing count reads 0
+    long2 = dict(long1, template="long2")                          # "Via Stops"
+    got = map_score(_route(seg, extra=["Via Stops: B Station, Z"]), long2)
     assert abs(got - (1 + 4 + (10 * 1 / 3 + 1) / 2 + 20)) < 1e-12    # IoU {b}/{b,c,z}, 1 hit
-    assert map_score(_route(seg, extra=["Via Stops: B, C"]), long1) == 1 + 4 + (10 + 2) / 2 + 20
+    assert map_score(_route(seg, extra=["Via Stops: B, C"]), long2) == 1 + 4 + (10 + 2) / 2 + 20
     # repeats count once; a wrong line keeps the hits but drops the IoU
-    assert map_score(_route(seg, extra=["Via Stops: B, B, B"]), long1) == 1 + 4 + (5 + 1) / 2 + 20
-    assert map_score(_route(("Line 2", "A", "D"), extra=["Via Stops: B, C"]), long1) == \
+    assert map_score(_route(seg, extra=["Via Stops: B, B, B"]), long2) == 1 + 4 + (5 + 1) / 2 + 20
+    assert map_score(_route(("Line 2", "A", "D"), extra=["Via Stops: B, C"]), long2) == \
         1 + 2 + (0 + 2) / 2
     # the short template ignores via stops
-    assert map_score(_route(seg, extra=["Via Stops: B, C"]), dict(long2, template="short")) == 5 + 10
+    assert map_score(_route(seg, extra=["Via Stops: B, C"]), dict(long1, template="short")) == 5 + 10
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +280,10 @@ def test_reward_metro_cache_two_dicts():
             "correctness"] == 10
         assert compute_reward(_route(("Line 1", "A", f"S{i - 1}")), _plan(s2=f"S{i}", q=0, metro=m))[
             "detail"] == 2 + 0    # departure right, S{i-1} not on this dict's line
-    m1["Line 1"].append("C")  # edited in place: seen
+    twin = json.loads(json.dumps(m2))          # same content, another dict (as from JSONL)
+    assert compute_reward(ans, _plan(s2="C", q=0, metro=twin))["correctness"] == 10
+    assert reward._metro_lookup(twin) is reward._metro_lookup(m2)
+    m1["Line 1"].append("C")  # edited in place (the stop count changes): seen
     assert compute_reward(ans, _plan(s2="C", q=0, metro=m1))["correctness"] == 10
 
 

@@ -73,24 +73,20 @@ BETA_TRANSFER = 0.5                                     # §4.2 β for routes wi
 PLUS_EVAL_WEIGHT = {"easy": 1.0, "middle": 1.5, "hard": 2.0}   # App. C.1, ReasonMap-Plus
 LEVEL = {"easy": 0, "middle": 1, "hard": 2}             # RM §B.3, m
 CORRECT = 10.0                                          # the released code's scale
-TEMPLATES = ("short", "long1", "long2")  # long1 asks "Via Stops: ...", long2 "Number of Via Stops: N"
+TEMPLATES = ("short", "long1", "long2")  # long1 asks "Number of Via Stops: N", long2 "Via Stops: ..."
 
 
 # ---------------------------------------------------------------------------------------------
 # Record checks: a bad record is a bug upstream, so it raises, naming the field.
 
-def _need(record, key, kinds, what):
+def _need(record, key, kind, what):
     if not isinstance(record, dict):
         raise ValueError(f"record must be a dict, got {type(record).__name__}")
     value = record.get(key)
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _tuple(kinds):
+    if not isinstance(value, kind) or isinstance(value, bool):
         raise ValueError(f"record {record.get('id', '?')!r}: field {key!r} must be {what}, "
                          f"got {value!r:.80}")
     return value
-
-
-def _tuple(kinds):
-    return kinds if isinstance(kinds, tuple) else (kinds,)
 
 
 def _type(record):
@@ -180,6 +176,9 @@ def _clean_box(text):
 
 
 def _plus_answer(kind, box):
+    # The release lower-cases the box, drops spaces and needs "yes"/"no"/"a".."d"/int(...) exactly;
+    # here the usual decorations ("(B)", "B)", "Option B", "3 lines", "Yes, they are") also count,
+    # since the model is told to box the answer, not how to dress it. Nothing else is interpreted.
     if box is None:
         return None
     text = _clean_box(box)
@@ -284,33 +283,46 @@ def parse_answer(response, record):
 
 # ---------------------------------------------------------------------------------------------
 # Metro Data, normalised once per dict. The same metro dict is shared by every record of a city,
-# so the cache is keyed on id(metro); the entry keeps a reference to the dict itself, so that id
-# cannot be reused by another dict while the entry lives (dicts take no weakrefs). A size check
-# catches a dict edited in place. Bounded: a stream of fresh dicts only costs rebuilds.
+# so the first cache is keyed on id(metro); the entry keeps a reference to the dict itself, so that
+# id cannot be reused by another dict while the entry lives (dicts take no weakrefs), and a size
+# check catches a dict edited in place. Records read from JSONL each carry their own copy of the
+# city's dict, so on an id miss a second cache keyed on the content (lines and stops as tuples:
+# hashing them costs a fraction of normalising every stop again) finds the lookup. Both bounded.
 
-_METRO_CACHE = {}
+_METRO_BY_ID = {}
+_METRO_BY_CONTENT = {}
 _METRO_CACHE_SIZE = 256
+
+
+def _remember(cache, key, value):
+    if len(cache) >= _METRO_CACHE_SIZE:
+        cache.pop(next(iter(cache)))          # oldest first (dicts keep insertion order)
+    cache[key] = value
 
 
 def _metro_lookup(metro):
     """{normalised line: [frozenset of normalised stops, ...]} (a list: two raw line names may
     normalise alike; a segment is fine if any one of them serves both its stops)."""
-    if not isinstance(metro, dict) or not metro:
-        raise ValueError(f"record field 'metro' must be a non-empty dict of line -> [stop, ...], "
-                         f"got {type(metro).__name__}")
+    if not isinstance(metro, dict) or not metro or not all(
+            isinstance(stops, (list, tuple)) for stops in metro.values()):
+        raise ValueError("record field 'metro' must be a non-empty dict of line -> [stop, ...], "
+                         f"got {str(metro):.80}")
     size = sum(len(stops) for stops in metro.values())
-    hit = _METRO_CACHE.get(id(metro))
+    hit = _METRO_BY_ID.get(id(metro))
     if hit is not None and hit[0] is metro and hit[1] == size:
         return hit[2]
-    lookup = {}
-    for line, stops in metro.items():
-        if not isinstance(stops, (list, tuple)):
-            raise ValueError(f"record field 'metro': line {line!r} must map to a list of stops")
-        lookup.setdefault(normalize_line(line), []).append(
-            frozenset(normalize_stop(s) for s in stops))
-    if len(_METRO_CACHE) >= _METRO_CACHE_SIZE:
-        _METRO_CACHE.pop(next(iter(_METRO_CACHE)))       # oldest first (dicts keep order)
-    _METRO_CACHE[id(metro)] = (metro, size, lookup)
+    try:
+        content = tuple((line, tuple(stops)) for line, stops in metro.items())
+        lookup = _METRO_BY_CONTENT.get(content)
+    except TypeError:                         # an unhashable stop: not a name
+        raise ValueError("record field 'metro': stops must be strings") from None
+    if lookup is None:
+        lookup = {}
+        for line, stops in metro.items():
+            lookup.setdefault(normalize_line(line), []).append(
+                frozenset(normalize_stop(s) for s in stops))
+        _remember(_METRO_BY_CONTENT, content, lookup)
+    _remember(_METRO_BY_ID, id(metro), (metro, size, lookup))
     return lookup
 
 
@@ -326,7 +338,10 @@ def _route_ok(lookup, line, dep, arr):
 
 
 def _planning(record, sections):
-    """(correct, detail) for parsed sections; the official check (RM §B.1) and Alg. 1."""
+    """(correct, detail) for parsed sections; the official check (RM §B.1) and Alg. 1.
+    The release looks route names up verbatim in the Metro Data (with two Beijing aliases,
+    八通 -> Line 1 and 大兴 -> Line 4, hard-coded); here lines and stops match after DESIGN.md §3
+    normalisation, so "1号线" and "Line 1" are one line. Optimality is not checked (nor there)."""
     lookup = _metro_lookup(record.get("metro"))
     s1 = _stop_key(_need(record, "station_1", str, "a stop name"))
     s2 = _stop_key(_need(record, "station_2", str, "a stop name"))
@@ -390,9 +405,9 @@ def compute_reward(response, record, *, alpha=0.5, difficulty_aware=True, detail
 # Map score (RM Alg. 2, evaluation only), after the released ReasonMap main.py:
 #   against each reference route, if both endpoints are right: +1, then per aligned segment
 #   (zip with the reference) +2 route name, +1 departure, +1 arrival; the long templates add
-#     long2 "Number of Via Stops": per segment 4 if exact else max(0, 4 - 4·|err|/ref) (0 when
+#     long1 "Number of Via Stops": per segment 4 if exact else max(0, 4 - 4·|err|/ref) (0 when
 #       ref = 0), capped at 10;
-#     long1 "Via Stops": (10·IoU + min(10, hits)) / 2, where hits counts answered via stops in the
+#     long2 "Via Stops": (10·IoU + min(10, hits)) / 2, where hits counts answered via stops in the
 #       aligned reference segment and IoU pools the via stops of segments whose line is right;
 #   cap 10 (short) / 20 (long); +10 / +20 when the route is correct; best over reference routes.
 # Differences from the release, and why: names are compared after DESIGN.md §3 normalisation (the
@@ -446,9 +461,9 @@ def map_score(response, record):
     keys = _keyed(sections)
     s1, s2 = _stop_key(record["station_1"]), _stop_key(record["station_2"])
     endpoints = keys[0][1] == s1 and keys[-1][2] == s2
-    if template == "long1":
+    if template == "long2":
         vias = [frozenset(_stop_key(v) for v in _via_list(sec[3]) or ()) for sec in sections]
-    elif template == "long2":
+    elif template == "long1":
         counts = [_via_count(sec[4]) or 0 for sec in sections]
     cap, bonus = (10.0, 10.0) if template == "short" else (20.0, 20.0)
     best = 0.0
@@ -459,18 +474,18 @@ def map_score(response, record):
             count_score, hits, union, inter = 0.0, 0, set(), set()
             for i, ((line, dep, arr), ref) in enumerate(zip(keys, reference)):
                 score += 2.0 * (line == ref[0]) + (dep == ref[1]) + (arr == ref[2])
-                if template == "long2":
+                if template == "long1":
                     err, want = abs(counts[i] - ref[4]), ref[4]
                     count_score += 4.0 if err == 0 else (max(0.0, 4.0 - 4.0 * err / want)
                                                          if want else 0.0)
-                elif template == "long1":
+                elif template == "long2":
                     hits += len(vias[i] & ref[3])
                     if line == ref[0]:
                         union |= vias[i] | ref[3]
                         inter |= vias[i] & ref[3]
-            if template == "long2":
+            if template == "long1":
                 score += min(10.0, count_score)
-            elif template == "long1":
+            elif template == "long2":
                 iou = len(inter) / len(union) if union else 0.0
                 score += (10.0 * iou + min(10, hits)) / 2.0
         score = min(score, cap) + (bonus if correct else 0.0)
