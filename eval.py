@@ -407,7 +407,6 @@ def run_model(args):
     records = data_mod.load_records(args.data)
     if args.limit:
         records = records[:args.limit]
-    root = os.path.dirname(os.path.abspath(args.data))
     dtype = torch.bfloat16 if device.startswith("cuda") else None
     # --max-pixels reaches the processor only when given: the tiny model keeps its own small limit.
     model, processor = model_mod.load(args.model, device=device, dtype=dtype,
@@ -421,7 +420,7 @@ def run_model(args):
         batch = mine[start:start + args.batch_size]
         images = []
         for _, rec in batch:
-            path = rec["figure"] if os.path.isabs(rec["figure"]) else os.path.join(root, rec["figure"])
+            path = data_mod.figure_path(rec, args.data)
             if path != image_path:  # sorted by map: each map is read once per rank
                 image, image_path = data_mod.load_image(path, args.max_pixels or MAX_PIXELS), path
             images.append(image)
