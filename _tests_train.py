@@ -109,3 +109,143 @@ def test_train_load_rejects_missing_path():
         assert "/nonexistent/qwen" in str(e)
     else:
         raise AssertionError("load of a missing folder must fail clearly")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+def _args(**kw):
+    import train
+    a = train.parse_args(["--model", "tiny"])
+    for key, v in kw.items():
+        setattr(a, key, v)
+    return a
+
+
+def _step(rewards, *, wd, lr=1e-2):
+    """One update of train.py on a fresh tiny model with hand-set rewards; (before, after, trainable)."""
+    import torch
+    import grpo
+    import model
+    import train
+    torch.manual_seed(0)
+    m, p = model.build_tiny()
+    m.train()
+    before = {n: t.detach().clone() for n, t in m.named_parameters()}
+    ro = model.generate(m, p, ["Is A on line 1?", "How many lines?"], _images()[:2], num_samples=4,
+                        max_new_tokens=6)
+    args = _args(kl=0.0, micro_batch=1, weight_decay=wd)
+    adv = grpo.group_advantages(torch.tensor(rewards, dtype=torch.float32), 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd)
+    opt.zero_grad()
+    loss, stats = train.update(m, m, None, ro, adv, args, 1, "cpu")
+    opt.step()
+    return before, dict(m.named_parameters()), loss, stats
+
+
+def test_train_grpo_step_changes_every_parameter():
+    import torch
+    before, after, loss, stats = _step([0, 1, 2, 3, 3, 0, 1, 0], wd=0.0)
+    unchanged = [n for n, t in after.items() if torch.equal(t.detach(), before[n])]
+    assert not unchanged, unchanged
+    assert stats["tokens"] > 0 and abs(stats["ratio_mean"] - 1.0) < 1e-6   # one update: ratio 1
+
+
+def test_train_equal_rewards_leave_parameters_unchanged():
+    import torch
+    before, after, loss, stats = _step([2.5] * 8, wd=0.0)    # zero advantage everywhere, no KL
+    changed = [n for n, t in after.items() if not torch.equal(t.detach(), before[n])]
+    assert not changed, changed
+    assert loss == 0.0
+
+
+def test_train_sft_targets_score_full_marks():
+    """--algo sft trains on gold_text(record): it must be a correct answer by reward.py's rules."""
+    import data
+    import reward
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        path, _ = data.synth(d, cities=3, seed=1, per_type=2)
+        recs = data.load_records(path)
+    assert {r["type"] for r in recs} >= {"TorF1", "Counting1", "planning"}
+    for r in recs:
+        out = reward.compute_reward(train.gold_text(r), r)
+        assert out["format"] == 1 and out["correctness"] == 10, (r["id"], train.gold_text(r))
+
+
+def _run(argv, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py")] + argv
+    else:
+        cmd = [sys.executable, os.path.join(HERE, "train.py")] + argv
+    r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+SMALL = ["--model", "tiny", "--group-size", "2", "--batch-size", "2", "--max-new-tokens", "6",
+         "--synth-cities", "3", "--synth-per-type", "1", "--lr", "1e-2", "--weight-decay", "0.01"]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(path):
+    import model
+    return {k: v.detach() for k, v in model.load(path)[0].named_parameters()}
+
+
+def test_train_resume_gives_identical_parameters():
+    """6 steps straight == 3 steps, then --resume for 3 more (same batches, same samples)."""
+    import torch
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a"), os.path.join(d, "b")
+        _run(SMALL + ["--out", a, "--max-steps", "6", "--save-every", "3"])
+        assert os.path.exists(os.path.join(a, "step-3", "trainer_state.pt"))
+        _run(SMALL + ["--out", b, "--data", os.path.join(a, "data", "train.jsonl"),
+                      "--max-steps", "6", "--resume", os.path.join(a, "step-3")])
+        pa, pb = _params(os.path.join(a, "final")), _params(os.path.join(b, "final"))
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+        ma, mb = _metrics(a), _metrics(b)
+        assert [r["step"] for r in mb] == [4, 5, 6]
+        assert [r["reward"] for r in ma[3:]] == [r["reward"] for r in mb]   # the same samples
+        # and training did move the weights
+        from model import build_tiny
+        m0 = dict(build_tiny()[0].named_parameters())
+        assert any(not torch.equal(m0[k].detach(), pa[k]) for k in pa)
+
+
+def test_train_nonfinite_loss_skips_step():
+    import torch
+    from model import build_tiny
+    with tempfile.TemporaryDirectory() as d:
+        _run(SMALL + ["--out", d, "--max-steps", "1", "--inject-nan-at", "1"])
+        rows = _metrics(d)
+        assert rows[0]["skipped"] is True
+        p = _params(os.path.join(d, "final"))
+        m0 = dict(build_tiny()[0].named_parameters())
+        assert all(torch.equal(m0[k].detach(), p[k]) for k in p)     # no NaN, no weight decay step
+
+
+def test_train_torchrun_two_ranks():
+    """torchrun, 2 CPU ranks (gloo), 8 steps; rank 1 gets no images (DESIGN §7 trap); parameters
+    end identical on both ranks, and final/ reloads and samples."""
+    import torch
+    import model
+    with tempfile.TemporaryDirectory() as d:
+        _run(SMALL + ["--out", d, "--max-steps", "8", "--text-only-rank", "1"], nproc=2)
+        with open(os.path.join(d, "ranks.json")) as f:
+            digests = json.load(f)["param_sha256"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+        rows = _metrics(d)
+        assert [r["step"] for r in rows] == list(range(1, 9))
+        assert all(r["samples"] == 4 and r["questions"] == 2 for r in rows)   # both ranks' groups
+        with open(os.path.join(d, "config.json")) as f:
+            assert json.load(f)["world_size"] == 2
+        m, p = model.load(os.path.join(d, "final"))
+        ro = model.generate(m, p, ["Is A on line 1?"], _images()[:1], num_samples=2, max_new_tokens=5)
+        assert len(ro.texts) == 2 and all(isinstance(t, str) for t in ro.texts)

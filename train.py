@@ -102,7 +102,9 @@ def parse_args(argv=None):
     # checkpoints and logs
     p.add_argument("--save-every", type=int, default=0, help="write OUT/step-N every N steps")
     p.add_argument("--resume", default=None, help="a step-N/ or final/ folder (or a run folder)")
-    p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)  # tests only
+    # tests only: poison the loss at this step; ask rank R's questions without their image
+    p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--text-only-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = QUICK if args.model == "tiny" else PAPER
     for key, value in defaults.items():
@@ -428,6 +430,15 @@ def step_metrics(samples, step, stage, k, loss, stats, times, world, skipped):
     return row
 
 
+def param_digest(net):
+    import hashlib
+    h = hashlib.sha256()
+    for name, p in net.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def log_row(out_dir, row):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -487,7 +498,7 @@ def main(argv=None):
     for step in bar:
         stage, batch = plan[step]
         t0 = time.time()
-        ims = [images(r) for r in batch]
+        ims = [None if rank == args.text_only_rank else images(r) for r in batch]
         questions = [r["question"] for r in batch]
         if args.algo == "sft":
             rollout = teacher_rollout(processor, questions, ims, [gold_text(r) for r in batch])
@@ -529,6 +540,14 @@ def main(argv=None):
         if args.save_every and done % args.save_every == 0 and done < total:
             save_checkpoint(args.out, f"step-{done}", policy, processor, opt, done, args, rank, world)
     save_checkpoint(args.out, "final", policy, processor, opt, max(total, start_step), args, rank, world)
+    if world > 1 and not args.fsdp:
+        # DDP keeps replicas identical by construction; check it, since a desync is silent.
+        digests = all_gather(param_digest(policy), world)
+        if rank == 0:
+            with open(os.path.join(args.out, "ranks.json"), "w") as f:
+                json.dump({"param_sha256": digests}, f)
+            if len(set(digests)) > 1:
+                warnings.warn(f"parameters differ across ranks: {digests}")
     if rank == 0:
         print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
     if world > 1:
