@@ -117,6 +117,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--image-size", type=int, default=None,
                    help="maps read and processed at most SxS pixels (train.py --max-pixels S*S)")
+    p.add_argument("--types", default="all",
+                   help="question types in the batch, comma-separated (e.g. planning, or TorF1,TorF2 "
+                        "for the first curriculum stage); default all six, round-robin")
     p.add_argument("--kl", type=float, default=None, help="> 0: a reference model and its forward")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--weight-decay", type=float, default=None)
@@ -226,19 +229,26 @@ def load_policy(args, device):
     return net, processor, max_pixels
 
 
-def bench_prompts(n, max_pixels, seed=0):
-    """n (record, image) pairs of mixed types from a small synthetic set (data.synth), picked
-    round-robin over question types so every step sees the same mix. Fixed across steps."""
+def bench_prompts(n, max_pixels, seed=0, types="all"):
+    """n (record, image) pairs from a small synthetic set (data.synth), picked round-robin over
+    the given question types so every step sees the same mix. Fixed across steps. A mix of all six
+    types pads more than a curriculum batch (one stage) does: planning prompts are the longest."""
     import data as data_mod
+    wanted = data_mod.TYPES if types == "all" else [t.strip() for t in types.split(",") if t.strip()]
+    bad = [t for t in wanted if t not in data_mod.TYPES]
+    if bad or not wanted:
+        raise SystemExit(f"--types {types!r}: expected 'all' or names from {', '.join(data_mod.TYPES)}")
     out_dir = tempfile.mkdtemp(prefix="bench_synth_")
     train_path, _ = data_mod.synth(out_dir, cities=3, seed=seed, per_type=max(2, n // 4 + 1))
     records = data_mod.load_records(train_path)
     by_type = {}
     for r in records:
         by_type.setdefault(r["type"], []).append(r)
+    if not any(t in by_type for t in wanted):
+        raise SystemExit(f"--types {types!r}: none of them in the synthetic set")
     picked, i = [], 0
     while len(picked) < n:
-        for t in data_mod.TYPES:
+        for t in wanted:
             if t in by_type and len(picked) < n:
                 picked.append(by_type[t][i % len(by_type[t])])
         i += 1
@@ -470,7 +480,7 @@ def vs_trl(args):
     max_pixels = args.image_size ** 2 if args.image_size else None
     ours, processor = model_mod.load("tiny", max_pixels=max_pixels)
     theirs, trl_processor = model_mod.load("tiny", max_pixels=max_pixels)   # same seed, same weights
-    records, images = bench_prompts(n_q, max_pixels, args.seed)
+    records, images = bench_prompts(n_q, max_pixels, args.seed, args.types)
     suppress = model_mod._special_ids(processor, model_mod.VISION_TOKENS)
     ours.train()
     opt = torch.optim.AdamW(ours.parameters(), lr=args.lr, weight_decay=args.weight_decay,
@@ -597,7 +607,7 @@ def run_bench(args):
         wrapped = DDP(policy, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    records, images = bench_prompts(args.batch_size * world, max_pixels, args.seed)
+    records, images = bench_prompts(args.batch_size * world, max_pixels, args.seed, args.types)
     records = records[rank * args.batch_size:(rank + 1) * args.batch_size]   # own questions per rank
     images = images[rank * args.batch_size:(rank + 1) * args.batch_size]
     torch.manual_seed(args.seed * 1000 + rank)
