@@ -106,7 +106,7 @@ def test_eval_rescore_plus_weighted_accuracy():
     assert rep["weighted_accuracy"]["short"] is None and rep["map_score"]["short"] is None
     assert rep["by_difficulty"]["hard"]["n_plus"] == 3
     assert abs(rep["by_difficulty"]["hard"]["plus_accuracy"] - 1 / 3) < 1e-9
-    assert "| model | – | – | – | – | 60.00 | 55.56 | 57.89 |" in text  # Table 1 row
+    assert "crafted.jsonl | – | – | – | – | 60.00 | 55.56 | 57.89 |" in text  # Table 1 row
 
 
 def test_eval_rescore_short_template_accuracy_and_map_score():
@@ -196,6 +196,15 @@ def test_eval_rescore_takes_records_from_data_and_names_bad_lines():
             assert "response" in str(e), e
         else:
             raise AssertionError("a line without a response must be refused")
+        rec = PLUS_CASES[0][0]
+        _write(ans, [{"id": "t1", "response": "x", "record": rec},
+                     {"id": "t1", "responses": ["x", "y"], "record": rec}])
+        try:
+            ev.rescore(ans)
+        except ValueError as e:
+            assert "mixes" in str(e), e
+        else:
+            raise AssertionError("answer and --density lines in one file must be refused")
 
 
 def test_eval_compare_prints_deltas():
@@ -231,6 +240,9 @@ def test_eval_density_metrics_by_hand():
             rep = json.load(f)
     assert rep["k"] == 4
     plan = rep["density"]["planning"]
+    # correctness alone: d1 [10, 0, 0, 0] (mean 2.5, mean |adv| 15/4), d2 all 0: no signal
+    assert plan["correctness"]["zero_std_frac"] == 0.5
+    assert abs(plan["correctness"]["mean_abs_adv"] - (3.75 + 0) / 2) < 1e-9
     # F+C: d1 [11, 1, 0, 1] (mean 3.25, mean |adv| 15.5/4), d2 [1, 1, 1, 1]: no signal
     assert plan["format+correctness"]["zero_std_frac"] == 0.5
     assert abs(plan["format+correctness"]["mean_abs_adv"] - (3.875 + 0) / 2) < 1e-9
@@ -242,7 +254,7 @@ def test_eval_density_metrics_by_hand():
     assert abs(plan["+detail+weight"]["mean_abs_adv"] - 1.5 * (4.375 + 0.25) / 2) < 1e-9
     assert rep["density"]["TorF1"]["+detail"]["zero_std_frac"] == 1.0
     assert abs(rep["density"]["all"]["format+correctness"]["zero_std_frac"] - 2 / 3) < 1e-9
-    assert "| planning | 2 | 0.500 | 0.000 | 0.000 |" in text, text
+    assert "| planning | 2 | 0.500 | 0.500 | 0.000 | 0.000 |" in text, text
 
 
 def test_eval_group_stats_match_grpo():
@@ -318,15 +330,17 @@ def test_eval_density_tiny_model_planning_detail_breaks_ties():
     assert rep["k"] == 4 and d["+detail"]["groups"] == len(lines) == 4
     for x in lines:                                   # re-derive every reward and tie
         assert len(x["responses"]) == 4
-        for name, kw in (("format+correctness", dict(detail=False, difficulty_aware=False)),
-                         ("+detail", dict(detail=True, difficulty_aware=False)),
-                         ("+detail+weight", {})):
-            assert x["rewards"][name] == [reward.compute_reward(r, x["record"], **kw)["total"]
+        for name, kw, part in (("correctness", dict(detail=False), "correctness"),
+                               ("format+correctness", dict(detail=False, difficulty_aware=False), "total"),
+                               ("+detail", dict(detail=True, difficulty_aware=False), "total"),
+                               ("+detail+weight", {}, "total")):
+            assert x["rewards"][name] == [reward.compute_reward(r, x["record"], **kw)[part]
                                           for r in x["responses"]]
     ties = {n: sum(len(set(x["rewards"][n])) == 1 for x in lines) / len(lines) for n in d}
     assert all(abs(ties[n] - d[n]["zero_std_frac"]) < 1e-9 for n in d)
     # one weight per group: it scales the spread but cannot create or remove a tie
     assert d["+detail+weight"]["zero_std_frac"] == d["+detail"]["zero_std_frac"]
+    assert d["correctness"]["zero_std_frac"] == 1.0      # a random model never plans a route
     assert d["format+correctness"]["zero_std_frac"] > 0
     assert d["+detail"]["zero_std_frac"] < d["format+correctness"]["zero_std_frac"], d
     assert "| planning |" in text

@@ -14,10 +14,17 @@ reward.py's; this file only aggregates.
 Metrics (report.json; fractions in [0, 1], the Markdown summary prints percentages):
 - accuracy[type]: plain accuracy per question type (correct = correctness > 0).
 - weighted_accuracy: ReasonMap-Plus (weight 1.0/1.5/2.0 by map difficulty, App. C.1) over all Plus
-  types, its Count and TorF split; ReasonMap planning (weight 1 + 0.5q + 0.5m, RM §B.2) for short
+  types, its Count and TorF split; ReasonMap planning (weight 1 + 0.5q + 0.5m, RM §B.3) for short
   and long templates separately (long = long1 + long2).
-- map_score: ReasonMap-weighted mean map score (RM Alg. 2), short (max 20) and long (max 40).
+- map_score: ReasonMap-weighted mean map score (RM Alg. 2), short (max 20) and long (max 40), raw
+  points as ReasonMap's tables print them.
 - by_difficulty, by_transfers: the same split by map difficulty and by transfer count (0/1/>=2).
+
+Where this differs from the released evaluation (ReasonMap main.py / main_plus.py): it asks every
+planning question twice, once per template; our records carry one template each (data.py), so the
+short and long columns are over different questions. The release weights are a TODO there
+(`weight = 1`); here they are the papers' formulas. Answer lines embed their record (metro
+included), so an answers file re-scores on its own at the cost of some disk.
 
 `--density K` samples K answers per question at temperature 1.0 and reports, per question type and
 reward mode, zero_std_frac (groups whose K rewards are all equal: no GRPO signal, §4.2's sparse
@@ -40,11 +47,14 @@ TRANSFER_BUCKETS = ("0", "1", ">=2")
 # evaluation fed the model. Real maps (up to 278 M pixels) are downscaled to this when read, so a
 # map is never decoded at full size per question; the processor then applies its own limit.
 MAX_PIXELS = 12845056
-# (name, compute_reward keywords) for --density: format+correctness, + detail, + difficulty weight.
+# (name, compute_reward keywords, part) for --density. "correctness" alone is the sparse outcome
+# reward; the format point is the paper's R_format (the release has none); then + detail (Alg. 1)
+# and + the difficulty weight (§4.2).
 REWARD_MODES = (
-    ("format+correctness", dict(detail=False, difficulty_aware=False)),
-    ("+detail", dict(detail=True, difficulty_aware=False)),
-    ("+detail+weight", dict(detail=True, difficulty_aware=True)),
+    ("correctness", dict(detail=False, difficulty_aware=False), "correctness"),
+    ("format+correctness", dict(detail=False, difficulty_aware=False), "total"),
+    ("+detail", dict(detail=True, difficulty_aware=False), "total"),
+    ("+detail+weight", dict(detail=True, difficulty_aware=True), "total"),
 )
 
 
@@ -92,8 +102,8 @@ def score_samples(record, responses):
         "id": record["id"],
         "type": record["type"],
         "responses": list(responses),
-        "rewards": {name: [reward.compute_reward(r, record, **kw)["total"] for r in responses]
-                    for name, kw in REWARD_MODES},
+        "rewards": {name: [reward.compute_reward(r, record, **kw)[part] for r in responses]
+                    for name, kw, part in REWARD_MODES},
         "record": record,
     }
 
@@ -196,7 +206,7 @@ def density_metrics(rows):
         if not sub:
             continue
         out[t] = {}
-        for name, _ in REWARD_MODES:
+        for name, _, _ in REWARD_MODES:
             stats = [group_stats(r["rewards"][name], len(r["rewards"][name])) for r in sub]
             out[t][name] = {
                 "groups": len(sub),
@@ -224,8 +234,10 @@ def _delta(a, b, scale=1.0):
     return f"{scale * (b - a):+.2f}"
 
 
-# The paper's Table 1: ReasonMap weighted accuracy and weighted map score, short and long, then
-# ReasonMap-Plus weighted accuracy, Count / TorF / all.
+# The paper's Table 1 columns: ReasonMap weighted accuracy and weighted map score, short and long,
+# then ReasonMap-Plus weighted accuracy, Count and TorF; "Plus All" pools every Plus question
+# (Σ w·acc / Σ w over all five types). In the split table, "Plus Acc." by map difficulty is plain
+# accuracy: within one difficulty the Plus weight is constant.
 TABLE1 = (
     ("RM Acc. S", lambda r: r["weighted_accuracy"]["short"], 100),
     ("RM Acc. L", lambda r: r["weighted_accuracy"]["long"], 100),
@@ -242,7 +254,7 @@ def _fmt(x, scale):
 
 
 def markdown(report, name=None):
-    name = name or report.get("model") or "model"
+    name = name or report.get("model") or report.get("rescored_from") or "model"
     lines = ["| Model | " + " | ".join(c for c, _, _ in TABLE1) + " |",
              "|---|" + "---:|" * len(TABLE1),
              f"| {name} | " + " | ".join(_fmt(f(report), s) for _, f, s in TABLE1) + " |", ""]
@@ -251,6 +263,8 @@ def markdown(report, name=None):
         if t in report["accuracy"]:
             lines.append(f"| {t} | {report['count'][t]} | {_pct(report['accuracy'][t])} | "
                          f"{_pct(report['format'][t])} | {_num(report['reward'][t])} |")
+    if report.get("truncated_frac"):
+        lines.append(f"\n{_pct(report['truncated_frac'])}% of answers hit --max-new-tokens.")
     if report["by_difficulty"] or report["by_transfers"]:
         lines += ["", "| Split | Plus Acc. | RM Acc. S | RM Acc. L | RM Map S | RM Map L |",
                   "|---|---:|---:|---:|---:|---:|"]
@@ -264,11 +278,12 @@ def markdown(report, name=None):
 
 
 def density_markdown(report):
-    short = {"format+correctness": "F+C", "+detail": "+D", "+detail+weight": "+D+W"}
-    names = [n for n, _ in REWARD_MODES]
+    short = {"correctness": "C", "format+correctness": "F+C", "+detail": "+D", "+detail+weight": "+D+W"}
+    names = [n for n, _, _ in REWARD_MODES]
     lines = [f"K = {report['k']} samples per question at temperature 1.0. zero-std: share of groups "
              "whose K rewards are all equal (no GRPO signal); abs-adv: mean |r - mean(group)|. "
-             "F+C = format + correctness, +D = + detail (Alg. 1), +W = x difficulty weight.", "",
+             "C = correctness alone, F+C = + format, +D = + detail (Alg. 1), +W = x difficulty weight.",
+             "",
              "| Type | Groups | " + " | ".join(f"zero-std {short[n]}" for n in names) + " | "
              + " | ".join(f"abs-adv {short[n]}" for n in names) + " |",
              "|---|---:|" + "---:|" * (2 * len(names))]
@@ -296,7 +311,7 @@ def compare_density_markdown(a, b, name_a="A", name_b="B"):
     """Two --density reports: zero_std_frac per type and reward mode, with B − A deltas."""
     lines = [f"| Type | Mode | zero-std {name_a} | zero-std {name_b} | Δ |", "|---|---|---:|---:|---:|"]
     for t in TYPES + ("all",):
-        for n, _ in REWARD_MODES:
+        for n, _, _ in REWARD_MODES:
             va = a["density"].get(t, {}).get(n, {}).get("zero_std_frac")
             vb = b["density"].get(t, {}).get(n, {}).get("zero_std_frac")
             if va is not None or vb is not None:
@@ -346,7 +361,10 @@ def read_answers(path, data=None):
 def rescore(path, data=None):
     """Re-run reward.py on saved responses; returns (report, rows)."""
     pairs = read_answers(path, data)
-    if pairs and all("responses" in row for _, row in pairs):
+    dense = ["responses" in row for _, row in pairs]
+    if any(dense) and not all(dense):
+        raise ValueError(f"{path}: mixes --density lines ('responses') with answer lines ('response')")
+    if pairs and all(dense):
         rows = [score_samples(rec, row["responses"]) for rec, row in pairs]
         return density_metrics(rows), rows
     rows = [score_answer(rec, row["response"], row.get("truncated", False)) for rec, row in pairs]
