@@ -166,7 +166,9 @@ def build_tiny(seed=0):
 # Loading and saving.
 
 def load(name_or_path, *, device="cpu", dtype=None, max_pixels=None, attn_implementation=None):
-    """("tiny" | local Qwen2.5-VL folder) -> (model, processor). No network, no remote code."""
+    """("tiny" | local Qwen2.5-VL folder) -> (model, processor). No network, no remote code.
+
+    dtype None keeps what from_pretrained gives; train.py passes float32 (master weights)."""
     if name_or_path == "tiny":
         model, processor = build_tiny()
     else:
@@ -285,9 +287,9 @@ def generate(model, processor, questions, images, *, num_samples=1, max_new_toke
         repetition_penalty=1.0, suppress_tokens=suppress, eos_token_id=end_ids,
         pad_token_id=pad_id, use_cache=True, output_scores=with_logprobs,
         return_dict_in_generate=with_logprobs)
-    # num_return_sequences expands inputs after preprocessing, so each image is preprocessed once;
-    # the vision tower still runs K times in the prefill (HF expands pixel_values), which is small
-    # beside decoding. token_logprobs encodes each image once and shares the features.
+    # num_return_sequences expands inputs after preprocessing, so each image is preprocessed once,
+    # and transformers 5 runs the vision tower before the prefill (mm_encoder_outputs).
+    # token_logprobs also encodes each image once and shares the features among its K samples.
     was_training = net.training
     net.eval()
     try:
@@ -357,7 +359,7 @@ def select(rollout, questions):
         has_image=[rollout.has_image[q] for q in qs], suppress_ids=rollout.suppress_ids)
 
 
-def token_logprobs(model, rollout, *, temperature=1.0):
+def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True):
     """Teacher-forced log p(completion token) under the sampling distribution: [B*K, T] float32.
 
     Same processing as generate(): logits / temperature, vision tokens masked out, M-RoPE positions
@@ -365,6 +367,8 @@ def token_logprobs(model, rollout, *, temperature=1.0):
     Each question's image goes through the vision tower once and its features are shared by its K
     samples (mm_encoder_outputs), so gradients reach the vision tower once per image, not K times.
     Positions past end-of-turn are 0 (mask them with rollout.completion_mask).
+    share_image_features=False repeats the pixels K times through the model's own forward instead
+    (needed under FSDP2, whose all-gather of the vision tower happens in the root forward).
     """
     net = _unwrap(model)
     k = rollout.num_samples
@@ -373,9 +377,16 @@ def token_logprobs(model, rollout, *, temperature=1.0):
                   logits_to_keep=rollout.completion_mask.shape[1] + 1)
     device = next(net.parameters()).device
     kwargs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in kwargs.items()}
-    if rollout.pixel_values is not None:
+    if rollout.pixel_values is not None and not share_image_features:
+        grid = rollout.image_grid_thw
+        patches = grid.prod(dim=1).tolist()
+        chunks = torch.split(rollout.pixel_values, patches)
+        kwargs["pixel_values"] = torch.cat([c for c in chunks for _ in range(k)]).to(device)
+        kwargs["image_grid_thw"] = grid.repeat_interleave(k, dim=0).to(device)
+    elif rollout.pixel_values is not None:
         grid = rollout.image_grid_thw.to(device)
-        feats = net.model.get_image_features(rollout.pixel_values.to(device), grid, return_dict=True)
+        feats = net.model.get_image_features(rollout.pixel_values.to(device, net.dtype), grid,
+                                             return_dict=True)
         per_image = list(feats.pooler_output)
         shared = [f for f in per_image for _ in range(k)]
         feats.pooler_output = shared

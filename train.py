@@ -36,7 +36,7 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,7 @@ PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
 QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
              weight_decay=0.0, epochs=2, micro_batch=8)
 QUICK_CITIES = 6
-QUICK_PER_TYPE = 4
+QUICK_PER_TYPE = 8
 TYPES = curriculum.TYPES
 
 
@@ -213,8 +213,9 @@ def gold_text(record):
 
 def build(args, device, world, init_from):
     """(policy, wrapped policy, processor, reference or None)."""
-    dtype = torch.bfloat16 if args.bf16 else None
-    policy, processor = model_mod.load(init_from, device=device, dtype=dtype,
+    # fp32 master weights always: at lr 1e-6 a bf16 weight (8-bit mantissa) would not move at all.
+    # --bf16 computes in bf16 (autocast under DDP, MixedPrecisionPolicy under FSDP2).
+    policy, processor = model_mod.load(init_from, device=device, dtype=torch.float32,
                                        max_pixels=args.max_pixels)
     if args.freeze_vision:
         for p in policy.model.visual.parameters():
@@ -225,7 +226,9 @@ def build(args, device, world, init_from):
     policy.train()
     ref = None
     if args.kl > 0 and args.algo == "grpo":   # a reference model only when the KL term is on
-        ref, _ = model_mod.load(args.model, device=device, dtype=dtype, max_pixels=args.max_pixels)
+        # the reference is the initial model (also on --resume), never updated: bf16 is enough
+        ref, _ = model_mod.load(args.model, device=device, max_pixels=args.max_pixels,
+                                dtype=torch.bfloat16 if args.bf16 else torch.float32)
         ref.eval().requires_grad_(False)
     wrapped = policy
     if args.fsdp:
@@ -237,6 +240,11 @@ def build(args, device, world, init_from):
         for block in policy.model.visual.blocks:
             fully_shard(block, mp_policy=mp)
         fully_shard(policy, mp_policy=mp)
+        # FSDP2 initialises from the first root forward; gathered() calls unshard() on children
+        # before any, so run one text-only token through the root now (same on every rank).
+        with torch.no_grad():
+            policy(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=device))
+        fsdp_reshard(policy)   # else the optimizer below would collect the root's gathered copies
         if ref is not None:
             for layer in ref.model.language_model.layers:
                 fully_shard(layer, mp_policy=mp)
@@ -245,6 +253,15 @@ def build(args, device, world, init_from):
         from torch.nn.parallel import DistributedDataParallel as DDP
         wrapped = DDP(policy, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
     return policy, wrapped, processor, ref
+
+
+def fsdp_reshard(policy):
+    """Register the sharded parameters again: FSDP2's root keeps its gathered copies after a forward,
+    and the optimizer and state_dict must see the sharded DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in policy.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def rng_state():
@@ -262,11 +279,15 @@ def set_rng_state(state):
 
 
 def _full_state(policy, opt, args):
-    """Model and optimiser state dicts, gathered to full tensors under FSDP (all ranks call)."""
+    """(full model state dict or None, optimizer state). Under FSDP2 the model's shards are gathered
+    (every rank calls) and the optimizer state stays sharded: each rank saves its own, so a resumed
+    FSDP run needs the same world size."""
     if not args.fsdp:
         return None, opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(policy, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    fsdp_reshard(policy)
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
+            for k, v in policy.state_dict().items()}
+    return full, opt.state_dict()
 
 
 def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, world):
@@ -282,11 +303,13 @@ def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, wor
             processor.save_pretrained(tmp)
         else:
             model_mod.save(net, processor, tmp)
-        torch.save({"optimizer": opt_sd, "step": step, "config": vars(args)},
+        torch.save({"optimizer": None if args.fsdp else opt_sd, "step": step, "config": vars(args)},
                    os.path.join(tmp, "trainer_state.pt"))
     if world > 1:
         dist.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if args.fsdp:
+        torch.save(opt_sd, os.path.join(tmp, f"optimizer_rank{rank}.pt"))
     if world > 1:
         dist.barrier()
     if rank == 0:
@@ -309,11 +332,12 @@ def find_checkpoint(path):
     raise FileNotFoundError(f"--resume {path!r}: no trainer_state.pt there or in step-N/ final/")
 
 
-def load_optimizer(opt, policy, state, args):
+def load_optimizer(opt, state, resume_dir, rank, args):
     if args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(policy, opt, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        path = os.path.join(resume_dir, f"optimizer_rank{rank}.pt")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} missing: resume an FSDP run with the same world size")
+        opt.load_state_dict(torch.load(path, weights_only=False))
     else:
         opt.load_state_dict(state["optimizer"])
 
@@ -341,6 +365,35 @@ def vision_touch(policy, args):
     return sum(p.sum() for p in policy.model.visual.parameters()) * 0.0
 
 
+@contextmanager
+def gathered(policy, args):
+    """FSDP2 only: hold full parameters for the whole rollout. HF generate encodes images outside
+    the root forward (mixed Tensor/DTensor error otherwise), and one all-gather per rollout beats
+    one per decoded token. Memory: the full model in param_dtype on each GPU (verl does the same)."""
+    if not args.fsdp:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+    mods = [m for m in policy.modules() if isinstance(m, FSDPModule)]
+    for m in mods:
+        m.unshard()
+    policy.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.reshard()
+        policy.set_reshard_after_forward(True)
+        policy.set_reshard_after_forward(False, recurse=False)   # the root's FSDP default
+
+
+def autocast(args, device):
+    """bf16 compute over fp32 weights (DDP / single process); FSDP2 casts by its own policy."""
+    if not args.bf16 or args.fsdp:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_now=False):
     """Teacher-forced log-probs -> GRPO (or SFT) loss -> backward, in micro-batches of questions.
 
@@ -357,8 +410,10 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
         sub = model_mod.select(rollout, qs)
         last = j == len(chunks) - 1
         sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        with sync:
-            logp = model_mod.token_logprobs(wrapped, sub, temperature=args.temperature)
+        share = not args.fsdp
+        with sync, autocast(args, device):
+            logp = model_mod.token_logprobs(wrapped, sub, temperature=args.temperature,
+                                            share_image_features=share)
             mask = sub.completion_mask.to(device)
             if args.algo == "sft":
                 loss = -(logp * mask).sum() / denom
@@ -367,7 +422,8 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
                 ref_logp = None
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature)
+                        ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature,
+                                                            share_image_features=share)
                 adv = advantages[[q * k + s for q in qs for s in range(k)]].to(device)
                 loss, st = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask,
                                           clip_eps=args.clip_eps, kl_coef=args.kl, num_tokens=denom)
@@ -464,7 +520,7 @@ def main(argv=None):
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
     if resume_dir:
-        load_optimizer(opt, policy, state, args)
+        load_optimizer(opt, state, resume_dir, rank, args)
 
     # The whole plan up front: epoch e is curriculum.epoch_batches(seed, epoch=e); global step s
     # is plan[s] on every rank, so resuming at step s is just "start at plan[s]".
@@ -503,9 +559,13 @@ def main(argv=None):
         if args.algo == "sft":
             rollout = teacher_rollout(processor, questions, ims, [gold_text(r) for r in batch])
         else:
-            rollout = model_mod.generate(policy, processor, questions, ims, num_samples=k,
-                                         max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature)
+            if args.fsdp and any(im is None for im in ims):
+                raise RuntimeError("--fsdp needs every question to have an image (a vision tower "
+                                   "unused on one rank would skip its all-gather there only)")
+            with gathered(policy, args), autocast(args, device):
+                rollout = model_mod.generate(policy, processor, questions, ims, num_samples=k,
+                                             max_new_tokens=args.max_new_tokens,
+                                             temperature=args.temperature)
         t1 = time.time()
         scores = score(rollout.texts, batch, k, args)
         for s, n, tr in zip(scores, rollout.lengths, rollout.truncated):
