@@ -23,7 +23,7 @@ The loss minimised here is −J. Where the code goes beyond those equations:
      reward of a group by the same number, r_i = w·x_i, so mean and std both scale by w and the
      scaled advantage is (x_i − mean x)/(std x + eps/w): w cancels (up to eps). The
      difficulty-aware design only changes the update with the paper's centred form, where
-     Â_i = w·(x_i − mean x). Tested in _tests_grpo.py (test_grpo_weight_cancels_...).
+     Â_i = w·(x_i − mean x). Tested in test_all.py (test_grpo_weight_cancels_...).
   2. KL estimator. D_KL is estimated per token with Schulman's k3,
      exp(ref − logp) − (ref − logp) − 1 (unbiased, always ≥ 0; verl/EasyR1 "low_var_kl"), in
      fp32 with the log-ratio clamped to ±20 so a token the reference finds impossible cannot

@@ -4,13 +4,43 @@
     python test_all.py reward     # only tests whose name contains "reward"
     python -m pytest test_all.py  # the same tests under pytest
 
-Tests assert values worked out by hand or re-derived independently; none asserts a timing.
-Tests that need ../shared/reasonmap skip cleanly when it is absent.
+Tests assert values worked out by hand or re-derived independently; none asserts a timing (the
+hostile-input bound of reward.py, 1 s per answer, is the one deliberate exception: it guards
+against catastrophic regex backtracking). Tests that need ../shared/reasonmap skip cleanly when it
+is absent. Sections follow the files: data, reward, grpo + curriculum, model + train, eval.
 """
 import os
+
+# Progress bars (ours and transformers') would bury the test lines; subprocesses inherit these.
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import collections  # noqa: E402  (after the environment is set)
+import contextlib
+import glob
+import inspect
+import io
+import json
+import math
+import random
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 import unittest
+import warnings
+
+import torch
+from PIL import Image
+
+import curriculum
+import data
+import grpo
+import reward
+from reward import (compute_reward, parse_boxed, parse_route, parse_answer, difficulty_weight,
+                    plus_weight, reasonmap_weight, map_score, map_score_max,
+                    normalize_stop, normalize_line)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REASONMAP = os.path.join(HERE, "..", "shared", "reasonmap")
@@ -27,17 +57,1891 @@ def need_reasonmap():
     return REASONMAP
 
 
+# =============================================================================================
+# data.py — Metro Data, route oracle, questions, synthetic maps, records, images (§3; DESIGN.md §2)
+# =============================================================================================
+
 # ---------------------------------------------------------------------------------------------
-# DEV (removed at merge): while components are built in parallel, each keeps its tests in
-# _tests_<component>.py; they are folded into this file before release.
-import importlib
-for _name in ("_tests_data", "_tests_reward", "_tests_grpo", "_tests_train", "_tests_eval"):
-    if os.path.exists(os.path.join(HERE, _name + ".py")):
-        _mod = importlib.import_module(_name)
-        globals().update({k: v for k, v in vars(_mod).items() if k.startswith("test_")})
+# independent re-derivations (deliberately not the code under test)
+
+def _n(s):
+    return normalize_stop(s)
+
+
+def _positions(stops, name, normalised=False):
+    # normalize_stop is not idempotent ("X Station Station"), so normalise exactly once
+    key = name if normalised else _n(name)
+    return [i for i, s in enumerate(stops) if _n(s) == key]
+
+
+def _is_loop(stops):
+    return len(stops) > 2 and _n(stops[0]) == _n(stops[-1])
+
+
+def _ride(stops, i, j):
+    """hops riding a line from position i to j (loops: either way round)."""
+    if _is_loop(stops):
+        k = len(stops) - 1
+        i, j = i % k, j % k
+        return min(abs(i - j), k - abs(i - j))
+    return abs(i - j)
+
+
+def _layered_optimum(metro, s1, s2, max_k=8):
+    """(fewest transfers, fewest stops with that many) by a layer-per-transfer DP over stop names."""
+    reach = {_n(s1): 0}
+    for k in range(max_k + 1):
+        nxt = {}
+        for stops in metro.values():
+            for a, cost in reach.items():
+                for i in _positions(stops, a, normalised=True):
+                    for j, s in enumerate(stops):
+                        c = cost + _ride(stops, i, j)
+                        if _n(s) not in nxt or c < nxt[_n(s)]:
+                            nxt[_n(s)] = c
+        if _n(s2) in nxt:
+            return k, nxt[_n(s2)]
+        reach = nxt
+    return None
+
+
+def _check_route(metro, route, s1, s2):
+    assert _n(route[0]["departure_stop"]) == _n(s1) and _n(route[-1]["arrival_stop"]) == _n(s2)
+    total = 0
+    for k, seg in enumerate(route):
+        stops = metro[seg["route_name"]]
+        i = _positions(stops, seg["departure_stop"])
+        j = _positions(stops, seg["arrival_stop"])
+        assert i and j, seg
+        if not _is_loop(stops):
+            a, b = i[0], j[0]
+            inner = stops[a + 1:b] if a < b else stops[b + 1:a][::-1]
+            assert [_n(x) for x in inner] == [_n(x) for x in seg["via_stops"]], seg
+        total += len(seg["via_stops"]) + 1
+        if k + 1 < len(route):
+            assert _n(seg["arrival_stop"]) == _n(route[k + 1]["departure_stop"])
+    return len(route) - 1, total
+
+
+def _rederive(rec):
+    """Check one record's answer from its own metro, independently of data.make_questions."""
+    metro, t = rec["metro"], rec["type"]
+    on = lambda stop, line: bool(_positions(metro[line], stop))  # noqa: E731
+    if t == "TorF1":
+        same = any(on(rec["station_1"], l) and on(rec["station_2"], l) for l in metro)
+        assert rec["answer"] == ("yes" if same else "no"), rec["id"]
+    elif t == "TorF2":
+        assert rec["answer"] == ("yes" if on(rec["station_1"], rec["line"]) else "no"), rec["id"]
+    elif t == "Counting1":
+        stops = metro[rec["line"]]
+        (i,), (j,) = _positions(stops, rec["station_1"]), _positions(stops, rec["station_2"])
+        truth = abs(i - j) - 1
+        opts = rec["options"]
+        assert len(set(opts)) == 4 and opts["ABCD".index(rec["answer"])] == truth, rec["id"]
+        assert all(f"{'ABCD'[k]}. {o}" in rec["question"] for k, o in enumerate(opts))
+    elif t == "Counting2":
+        assert rec["answer"] == sum(on(rec["station_1"], l) for l in metro), rec["id"]
+    elif t == "Counting3":
+        assert rec["answer"] == len(metro)
+    else:
+        best = _layered_optimum(metro, rec["station_1"], rec["station_2"])
+        assert best is not None and best[0] == rec["question_transfer_count"], rec["id"]
+        assert 1 <= len(rec["routes"]) <= 3
+        for route in rec["routes"]:
+            assert _check_route(metro, route, rec["station_1"], rec["station_2"]) == best, rec["id"]
+        assert rec["template"] in ("short", "long1", "long2")
+        assert "Route Name:" in rec["question"] and "--" in rec["question"]
+    if t != "planning":
+        assert "\\boxed{}" in rec["question"]
 
 
 # ---------------------------------------------------------------------------------------------
+
+def test_data_clean_name_and_load_metro():
+    assert data.clean_name("Metro Center Station (Transfer Station)") == "Metro Center Station"
+    assert data.clean_name("西单（换乘站）") == "西单"
+    assert data.clean_name("Foo (Branch-starting Station)") == "Foo"
+    assert data.clean_name("八角（支线起始站）") == "八角"
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "c.json")
+        with open(p, "w") as f:
+            json.dump({"Line 1": ["A (Transfer Station)", "B"], "Line 2": ["A", "C"]}, f)
+        assert data.load_metro(p) == {"Line 1": ["A", "B"], "Line 2": ["A", "C"]}
+        with open(p, "w") as f:
+            json.dump({"Line 1": "A B"}, f)
+        try:
+            data.load_metro(p)
+        except ValueError as e:
+            assert "Line 1" in str(e)
+        else:
+            raise AssertionError("a line that is not a list must be refused")
+
+
+def test_data_routes_one_transfer():
+    metro = {"L1": ["A", "B", "C", "D"], "L2": ["X", "C", "Y", "Z"]}
+    routes = data.best_routes(metro, "A", "Z")
+    assert routes == [[
+        {"route_name": "L1", "departure_stop": "A", "arrival_stop": "C", "via_stops": ["B"]},
+        {"route_name": "L2", "departure_stop": "C", "arrival_stop": "Z", "via_stops": ["Y"]}]]
+    assert data.transfer_count(routes[0]) == 1
+    # backwards, and names compared after normalisation
+    back = data.best_routes(metro, "z station", "a")
+    assert [s["route_name"] for s in back[0]] == ["L2", "L1"] and back[0][0]["via_stops"] == ["Y"]
+    assert data.lines_through(metro, "C") == ["L1", "L2"] and data.lines_through(metro, "Q") == []
+    assert data.stops_between(metro, "L1", "A", "D") == 2 and data.stops_between(metro, "L1", "D", "C") == 0
+
+
+def test_data_routes_fewest_transfers_beat_fewest_stops():
+    metro = {"Long": ["A", "B", "C", "D", "E", "F"], "S1": ["A", "G"], "S2": ["G", "F"]}
+    (r,) = data.best_routes(metro, "A", "F")
+    assert r[0]["route_name"] == "Long" and len(r) == 1 and r[0]["via_stops"] == ["B", "C", "D", "E"]
+
+
+def test_data_routes_loop_line():
+    metro = {"Ring": ["A", "B", "C", "D", "E", "F", "A"]}
+    (r,) = data.best_routes(metro, "A", "E")  # the short way round, through F
+    assert r == [{"route_name": "Ring", "departure_stop": "A", "arrival_stop": "E", "via_stops": ["F"]}]
+    ties = data.best_routes(metro, "A", "D")  # 3 hops either way: two optimal routes
+    assert sorted(tuple(x[0]["via_stops"]) for x in ties) == [("B", "C"), ("F", "E")]
+    assert data.stops_between(metro, "Ring", "A", "D") == 2
+    assert data.stops_between(metro, "Ring", "B", "F") == 1  # via A
+    (r,) = data.best_routes(metro, "F", "B")
+    assert r[0]["via_stops"] == ["A"]
+
+
+def test_data_routes_unreachable_ties_and_limit():
+    metro = {"L1": ["A", "B"], "L2": ["C", "D"]}
+    assert data.best_routes(metro, "A", "D") == []
+    assert data.best_routes(metro, "A", "nowhere") == []
+    par = {"P": ["A", "B", "D"], "Q": ["A", "C", "D"], "R": ["A", "E", "F", "D"]}
+    both = data.best_routes(par, "A", "D")
+    assert sorted(r[0]["route_name"] for r in both) == ["P", "Q"]  # R is a stop longer
+    assert len(data.best_routes(par, "A", "D", limit=1)) == 1
+    # forbidding the change at B forces the longer, two-transfer way
+    m = {"L1": ["A", "B", "X"], "L2": ["B", "Z"], "L3": ["X", "Y"], "L4": ["Y", "Z"]}
+    assert data.transfer_count(data.best_routes(m, "A", "Z")[0]) == 1
+    r = data.best_routes(m, "A", "Z", no_transfer_at=["B"])
+    assert [s["route_name"] for s in r[0]] == ["L1", "L3", "L4"]
+
+
+def test_data_stop_listed_twice_on_a_line():
+    metro = {"Lasso": ["A", "B", "C", "D", "B", "E"], "Other": ["E", "F"]}
+    assert data.stops_between(metro, "Lasso", "A", "B") == 0
+    assert data.stops_between(metro, "Lasso", "B", "E") == 0
+    (r,) = data.best_routes(metro, "A", "F")
+    assert r[0]["via_stops"] == ["B", "C", "D", "B"] and r[1]["route_name"] == "Other"
+    recs = data.make_questions(metro, city="t", country="c", difficulty="easy", figure="x.png",
+                               rng=random.Random(0), per_type=6)
+    assert not any("B" in (r["station_1"], r["station_2"]) for r in recs)  # the ambiguous name
+
+
+def test_data_ambiguous_names_not_asked():
+    raw = {"1": ["125 St", "116 St", "Times Sq (Transfer Station)"],
+           "A": ["125 St", "59 St", "Times Sq (Transfer Station)"], "7": ["Times Sq", "Grand Central"]}
+    assert data.ambiguous_stops(raw) == {"125 St"}
+    metro = {k: [data.clean_name(s) for s in v] for k, v in raw.items()}
+    recs = data.make_questions(metro, city="ny", country="us", difficulty="easy", figure="x.png",
+                               rng=random.Random(1), per_type=10, avoid=data.ambiguous_stops(raw))
+    for r in recs:
+        assert "125 St" not in (r["station_1"], r["station_2"])
+        for route in r["routes"]:
+            assert all(s["arrival_stop"] != "125 St" for s in route[:-1])
+
+
+def test_data_city_difficulty_on_real_cities():
+    root = need_reasonmap()
+    got = {os.path.basename(p)[:-5]: data.city_difficulty(data.load_metro(p))
+           for p in glob.glob(os.path.join(root, "stations", "*", "*.json"))}
+    assert len(got) == 30
+    assert sorted(c for c, d in got.items() if d == "hard") == \
+        ["beijing", "hangzhou", "new_york", "shanghai", "shenzhen", "xian"]
+    assert sorted(c for c, d in got.items() if d == "easy") == \
+        ["auckland", "changzhou", "dubai", "guiyang", "huhehaote", "jinan", "miami", "rome",
+         "sydney", "toronto"]
+    assert sum(d == "middle" for d in got.values()) == 14
+
+
+def test_data_synth_questions_rederived_and_balanced():
+    with tempfile.TemporaryDirectory() as d:
+        train, test = data.synth(d, cities=6, seed=3, per_type=6)
+        recs = data.load_records(train) + data.load_records(test)
+        assert {r["city"] for r in data.load_records(test)} == {"synth004", "synth005"}
+        assert not {r["city"] for r in data.load_records(train)} & {"synth004", "synth005"}
+        for r in recs:
+            _rederive(r)
+        for city in {r["city"] for r in recs}:
+            for t in ("TorF1", "TorF2"):
+                ans = [r["answer"] for r in recs if r["city"] == city and r["type"] == t]
+                assert abs(ans.count("yes") - ans.count("no")) <= 1, (city, t, ans)
+            assert sum(r["type"] == "Counting3" for r in recs if r["city"] == city) == 1
+        assert {r["difficulty_city"] for r in recs} == {"easy", "middle", "hard"}
+        qtc = [r["question_transfer_count"] for r in recs if r["type"] == "planning"]
+        assert 0 in qtc and 1 in qtc and any(q >= 2 for q in qtc)
+        # the stations JSON round-trips through the real-data loader
+        m = data.load_metro(os.path.join(d, "stations", "synth000.json"))
+        assert m == next(r["metro"] for r in recs if r["city"] == "synth000")
+        assert max(len(s) for v in m.values() for s in v) <= 4  # short names for a tiny model
+
+
+def test_data_synth_deterministic_bytes():
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        data.synth(a, cities=3, seed=7, per_type=3)
+        data.synth(b, cities=3, seed=7, per_type=3)
+        files = sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*"), recursive=True)
+                       if os.path.isfile(p))
+        assert len(files) == 2 + 3 + 3
+        for f in files:
+            with open(os.path.join(a, f), "rb") as x, open(os.path.join(b, f), "rb") as y:
+                assert x.read() == y.read(), f
+        data.synth(b, cities=3, seed=8, per_type=3)
+        with open(os.path.join(a, "train.jsonl"), "rb") as x, open(os.path.join(b, "train.jsonl"), "rb") as y:
+            assert x.read() != y.read()
+
+
+def _good_record(d):
+    Image.new("RGB", (28, 28), "white").save(os.path.join(d, "m.png"))
+    return {"id": "q0", "type": "TorF1", "question": "same line? \\boxed{}", "answer": "yes",
+            "options": None, "figure": "m.png", "country": "c", "city": "x", "difficulty_city": "easy",
+            "station_1": "A", "station_2": "B", "line": None, "metro": {"L": ["A", "B"]},
+            "question_transfer_count": None, "routes": [], "template": None}
+
+
+def test_data_load_records_bad_records_name_file_and_line():
+    with tempfile.TemporaryDirectory() as d:
+        good = _good_record(d)
+        path = os.path.join(d, "r.jsonl")
+        cases = [
+            ("{not json", "invalid JSON"),
+            (json.dumps(dict(good, type="TorF9")), "unknown type"),
+            (json.dumps({k: v for k, v in good.items() if k != "metro"}), "missing field 'metro'"),
+            (json.dumps(dict(good, answer="maybe")), "yes' or 'no"),
+            (json.dumps(dict(good, type="Counting2", answer="3")), "non-negative integer"),
+            (json.dumps(dict(good, type="Counting1", answer="B", options=[1, 1, 2, 3])), "4 distinct"),
+            (json.dumps(dict(good, type="planning", answer=None, template="short",
+                             question_transfer_count=0, routes=[[{"route_name": "L"}]])), "segment"),
+            (json.dumps(dict(good, figure="nope.png")), "file not found"),
+            (json.dumps(dict(good, id="q1", figure="r.jsonl")), "not a readable image"),
+            (json.dumps(good), "duplicate id"),
+        ]
+        for bad, why in cases:
+            with open(path, "w") as f:
+                f.write(json.dumps(good) + "\n\n" + bad + "\n")
+            try:
+                data.load_records(path)
+            except ValueError as e:
+                msg = str(e)
+                assert msg.startswith(f"{path}:3:") and why in msg, (why, msg)
+            else:
+                raise AssertionError(f"accepted a bad record ({why})")
+        with open(path, "w") as f:
+            f.write(json.dumps(good) + "\n")
+        assert data.load_records(path)[0]["answer"] == "yes"
+
+
+def test_data_load_image_modes_and_bomb_guard():
+    with tempfile.TemporaryDirectory() as d:
+        rgba = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+        rgba.paste((255, 0, 0, 255), (0, 0, 100, 100))
+        rgba.save(os.path.join(d, "a.png"))
+        im = data.load_image(os.path.join(d, "a.png"), 200 * 100)
+        assert im.mode == "RGB" and im.size == (200, 100)
+        assert im.getpixel((50, 50)) == (255, 0, 0) and im.getpixel((150, 50)) == (255, 255, 255)
+        pal = Image.new("P", (300, 300), 0)
+        pal.putpalette([0, 0, 255] + [0, 255, 0] * 255)
+        pal.paste(1, (150, 0, 300, 300))
+        pal.save(os.path.join(d, "p.png"))
+        im = data.load_image(os.path.join(d, "p.png"), 100 * 100)
+        assert im.mode == "RGB" and im.size == (100, 100)
+        assert im.getpixel((10, 50)) == (0, 0, 255) and im.getpixel((90, 50)) == (0, 255, 0)
+        # a file over Pillow's bomb limit: lowered here so the test stays small
+        Image.new("L", (3000, 2000), 128).save(os.path.join(d, "big.png"))
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = 1_000_000
+        try:
+            try:
+                Image.open(os.path.join(d, "big.png"))
+            except Image.DecompressionBombError:
+                pass
+            else:
+                raise AssertionError("Pillow should refuse this file under the lowered limit")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                im = data.load_image(os.path.join(d, "big.png"), 150_000)
+            assert Image.MAX_IMAGE_PIXELS == 1_000_000  # the guard is back for everyone else
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+        assert im.mode == "RGB" and im.size[0] * im.size[1] <= 150_000 and im.size[0] > 440
+        assert abs(im.size[0] / im.size[1] - 1.5) < 0.01 and im.getpixel((5, 5)) == (128, 128, 128)
+
+
+def test_data_load_image_real_kl_278M():
+    root = need_reasonmap()
+    path = os.path.join(root, "maps", "malaysia", "kl.png")
+    t = time.time()
+    im = data.load_image(path, data.MAX_PIXELS)
+    print(f"    kl.png 14032x19843 -> {im.size} in {time.time() - t:.1f}s")
+    assert im.mode == "RGB" and im.size[0] * im.size[1] <= data.MAX_PIXELS
+    assert abs(im.size[0] / im.size[1] - 14032 / 19843) < 0.01
+    assert Image.MAX_IMAGE_PIXELS == 89478485
+
+
+def test_data_real_build_split_and_answers():
+    root = need_reasonmap()
+    with tempfile.TemporaryDirectory() as d:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            train, test = data.real(os.path.join(root, "stations"), os.path.join(root, "maps"), d,
+                                    per_type=10)
+        skipped = sorted(str(x.message).split(":")[0] for x in w)
+        assert len(skipped) == 13 and "china/beijing" in skipped
+        tr, te = data.load_records(train), data.load_records(test)
+        maps = {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(root, "maps", "*", "*.png"))}
+        assert {r["city"] for r in te} == maps & set(data.TEST_CITIES) == \
+            {"miami", "lisboa", "geneva", "budapest", "singapore", "rome", "toronto"}
+        assert {r["city"] for r in tr} == maps - set(data.TEST_CITIES)
+        for r in tr + te:
+            _rederive(r)
+            assert os.path.exists(data.figure_path(r, train))
+        qtc = [r["question_transfer_count"] for r in tr + te if r["type"] == "planning"]
+        assert qtc.count(0) >= 20 and qtc.count(1) >= 20 and sum(q >= 2 for q in qtc) >= 20
+        ny = [r for r in tr if r["city"] == "new_york"]
+        assert ny and not any("125 St" in (r["station_1"], r["station_2"]) for r in ny)
+
+
+# =============================================================================================
+# reward.py — format / correctness / detail rewards, Alg. 1, map score (§4.2; RM §B)
+# =============================================================================================
+
+# A toy network worked by hand:   Line 1: A B C D   Line 2: E C F   Line 3: F G H
+_TOY = {"Line 1": ["A", "B", "C", "D"], "Line 2": ["E", "C", "F"], "Line 3": ["F", "G", "H"]}
+
+
+def _plan(s1="A", s2="F", q=1, level="middle", metro=None, template="short", routes=None):
+    return {"id": "p", "type": "planning", "station_1": s1, "station_2": s2,
+            "metro": _TOY if metro is None else metro, "question_transfer_count": q,
+            "difficulty_city": level, "template": template,
+            "routes": routes or [[{"route_name": "Line 1", "departure_stop": "A",
+                                   "arrival_stop": "C", "via_stops": ["B"]},
+                                  {"route_name": "Line 2", "departure_stop": "C",
+                                   "arrival_stop": "F", "via_stops": []}]]}
+
+
+def _route(*segs, extra=None):
+    parts = []
+    for k, (line, dep, arr) in enumerate(segs):
+        text = f"Route Name: {line}\nDeparture Stop: {dep}\nArrival Stop: {arr}\n"
+        if extra is not None:
+            text += extra[k] + "\n"
+        parts.append(text)
+    return "--\n".join(parts)
+
+
+def _parts(r):
+    return r["format"], r["correctness"], r["detail"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1, branch by branch (toy record: A -> F, fewest transfers 1, middle map: W = 1.2+0.5)
+
+def test_reward_alg1_correct_transfer_route():
+    r = compute_reward(_route(("Line 1", "A", "C"), ("Line 2", "C", "F")), _plan())
+    # +2 endpoints, +4 valid first segment, +1 for the transfer C = C; correct; W = 1.7
+    assert _parts(r) == (1.0, 10.0, 7.0) and r["weight"] == 1.7
+    assert abs(r["total"] - 1.7 * (1 + 10 + 0.5 * 7)) < 1e-12 and abs(r["total"] - 24.65) < 1e-9
+
+
+def test_reward_alg1_endpoints_or():
+    one_end = compute_reward(_route(("Line 1", "A", "D")), _plan())       # departure right only
+    other_end = compute_reward(_route(("Line 2", "E", "F")), _plan())     # arrival right only
+    neither = compute_reward(_route(("Line 3", "G", "H")), _plan())       # valid line, both wrong
+    assert _parts(one_end) == (1.0, 0.0, 6.0) and abs(one_end["total"] - 1.7 * 4) < 1e-12
+    assert _parts(other_end) == (1.0, 0.0, 6.0)
+    assert _parts(neither) == (1.0, 0.0, 4.0)            # +4 needs no endpoint, +2 does
+
+
+def test_reward_alg1_first_segment_and_links():
+    # wrong line for the first segment: no +4 and no +1 for its (matching) link; +2 for ends
+    r = compute_reward(_route(("Line 3", "A", "C"), ("Line 2", "C", "F")), _plan())
+    assert _parts(r) == (1.0, 0.0, 2.0)
+    # broken link B != C: +2 +4, no +1; not correct though both lines are right
+    r = compute_reward(_route(("Line 1", "A", "B"), ("Line 2", "C", "F")), _plan())
+    assert _parts(r) == (1.0, 0.0, 6.0)
+    # a good link after an invalid segment earns nothing (+1 needs the segment's stops on its line);
+    # the third segment is a transfer beyond the fewest (i = 2 > 1): -5
+    r = compute_reward(_route(("Line 1", "A", "C"), ("Line 9", "C", "E"), ("Line 2", "E", "F")),
+                       _plan())
+    assert _parts(r) == (1.0, 0.0, 2.0 + 4 + 1 - 5)
+
+
+def test_reward_alg1_penalty_beyond_fewest_transfers():
+    r = compute_reward(_route(("Line 1", "A", "C"), ("Line 2", "C", "F"), ("Line 3", "F", "H")),
+                       _plan())
+    assert _parts(r) == (1.0, 0.0, 2 + 4 + 1 + 1 - 5)
+    # a correct direct route (fewest transfers 0) is not penalised: the released code's
+    # (i+1) > count would give it 2 + 4 - 5 = 1
+    r = compute_reward(_route(("Line 1", "A", "D")), _plan(s2="D", q=0, level="easy"))
+    assert _parts(r) == (1.0, 10.0, 6.0) and r["weight"] == 1.0 and r["total"] == 14.0
+    # a correct route with one transfer more than needed: correct, and penalised once
+    r = compute_reward(_route(("Line 1", "A", "C"), ("Line 1", "C", "D")),
+                       _plan(s2="D", q=0, level="easy"))
+    assert _parts(r) == (1.0, 10.0, 2 + 4 + 1 - 5)
+
+
+def test_reward_alg1_cap_at_10():
+    chain = {f"K{i}": [f"P{i}", f"P{i + 1}"] for i in range(1, 8)}
+    rec = _plan(s1="P1", s2="P8", q=6, level="easy", metro=chain)
+    answer = _route(*[(f"K{i}", f"P{i}", f"P{i + 1}") for i in range(1, 8)])
+    r = compute_reward(answer, rec)                      # 2 + 4 + 6 links = 12 -> 10
+    assert _parts(r) == (1.0, 10.0, 10.0) and r["weight"] == 1.5 and r["total"] == 24.0
+
+
+def test_reward_alg1_negative_total():
+    rec = _plan(s2="D", q=0, level="easy")
+    answer = _route(("Line 9", "X", "Y"), ("Line 9", "Y", "Z"), ("Line 9", "Z", "W"))
+    r = compute_reward(answer, rec)                      # i = 1, 2 > 0: -5 -5; nothing else
+    assert _parts(r) == (1.0, 0.0, -10.0) and r["total"] == 1 + 0.5 * -10 == -4.0
+
+
+def test_reward_baselines_and_alpha():
+    answer = _route(("Line 1", "A", "C"), ("Line 2", "C", "F"))
+    r = compute_reward(answer, _plan(), detail=False, difficulty_aware=False)
+    assert r == {"format": 1.0, "correctness": 10.0, "detail": 0.0, "weight": 1.0, "total": 11.0}
+    r = compute_reward(answer, _plan(), alpha=1.0, difficulty_aware=False)
+    assert r["total"] == 1 + 10 + 7
+    r = compute_reward("no route here", _plan())
+    assert r == {"format": 0.0, "correctness": 0.0, "detail": 0.0, "weight": 1.7, "total": 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+def test_reward_parse_route_formats():
+    one_line = ("Route Name: Line 1 Departure Stop: A Arrival Stop: C -- "
+                "Route Name: Line 2 Departure Stop: C Station Arrival Stop: F")
+    assert [(s["route_name"], s["departure_stop"], s["arrival_stop"])
+            for s in parse_route(one_line)] == [("Line 1", "A", "C"), ("Line 2", "C Station", "F")]
+    bold = "**Route Name:** 1号线\n**Departure Stop**: a\n- arrival stop： C\n\nDone."
+    assert [(s["route_name"], s["departure_stop"], s["arrival_stop"])
+            for s in parse_route(bold)] == [("1号线", "a", "C")]
+    r = compute_reward(one_line, _plan())
+    assert _parts(r) == (1.0, 10.0, 7.0)
+    long1 = _route(("Line 1", "A", "C"), extra=["Number of Via Stops: 1 stop"])
+    long2 = _route(("Line 1", "A", "D"), extra=["Via Stops: B Station, C，  ,None"])
+    assert parse_route(long1)[0]["num_via_stops"] == 1 and parse_route(long1)[0]["via_stops"] is None
+    assert parse_route(long2)[0]["via_stops"] == ["B Station", "C"]
+    assert parse_route(long2)[0]["num_via_stops"] is None
+    # the value runs to the next label even when it is "Via Stops" inside "Number of Via Stops"
+    both = "Route Name: 1 Departure Stop: A Arrival Stop: D Number of Via Stops: 2 Via Stops: B, C"
+    assert parse_route(both) == [{"route_name": "1", "departure_stop": "A", "arrival_stop": "D",
+                                  "via_stops": ["B", "C"], "num_via_stops": 2}]
+    # a section needs all three fields, with values; first occurrence of a label wins
+    assert parse_route("Route Name: 1\nDeparture Stop: A\n") == []
+    assert parse_route("Route Name: 1\nDeparture Stop:\nArrival Stop: D") == []
+    assert parse_route("Route Name: 1\nRoute Name: 2\nDeparture Stop: A\nArrival Stop: D")[0][
+        "route_name"] == "1"
+    assert parse_answer("nothing", _plan()) is None
+    assert parse_answer(one_line, _plan())[1]["arrival_stop"] == "F"
+
+
+def test_reward_parse_boxed():
+    assert parse_boxed(r"so \boxed{A} then \boxed{ {B} }") == " {B} "
+    assert parse_boxed(r"\boxed{\text{(B)}}") == r"\text{(B)}"
+    assert parse_boxed(r"\boxed{\boxed{C}}") == "C"                  # the box opened last
+    assert parse_boxed(r"\boxed{A} and \boxed{B") == "A"               # unclosed box skipped
+    assert parse_boxed(r"} \boxed{x{y}z}}") == "x{y}z"
+    assert parse_boxed("no box") is None and parse_boxed(None) is None
+    assert parse_boxed(r"\boxed{}") == ""
+
+
+def test_reward_plus_types():
+    def rec(kind, answer, level="hard"):
+        return {"id": "q", "type": kind, "answer": answer, "difficulty_city": level}
+
+    right = {"TorF1": ("yes", [r"\boxed{Yes}", r"\boxed{\text{yes.}}", r"$\boxed{YES, they are}$"]),
+             "TorF2": ("no", [r"\boxed{no}", r"\boxed{No}."]),
+             "Counting1": ("B", [r"\boxed{B}", r"\boxed{(B)}", r"\boxed{B)}", r"\boxed{\text{B}}",
+                                 r"\boxed{Option B}", r"\boxed{B. 12}", r"\boxed{ b }"]),
+             "Counting2": (3, [r"\boxed{3}", r"\boxed{3 lines}", r"$\boxed{3}$.",
+                               "\\boxed{4}\nwait\\boxed{3}"]),
+             "Counting3": (12, [r"\boxed{12}", r"\boxed{\mathbf{12}}"])}
+    for kind, (answer, texts) in right.items():
+        for text in texts:
+            r = compute_reward(text, rec(kind, answer))
+            assert _parts(r) == (1.0, 10.0, 0.0), (kind, text, r)
+            assert r["weight"] == 1.5 and r["total"] == 16.5        # hard map, no β for Plus
+    wrong = {"TorF1": ("yes", [r"\boxed{no}", r"\boxed{not sure}", r"\boxed{yesterday}"]),
+             "Counting1": ("B", [r"\boxed{12}", r"\boxed{Dupont}", r"\boxed{C}", r"\boxed{(A)}"]),
+             "Counting2": (3, [r"\boxed{3.5}", r"\boxed{13}", r"\boxed{3}\boxed{4}"])}
+    for kind, (answer, texts) in wrong.items():
+        for text in texts:
+            assert _parts(compute_reward(text, rec(kind, answer))) == (1.0, 0.0, 0.0), (kind, text)
+    for text in ["yes", r"\boxed{}", r"\boxed{  }", ""]:
+        assert _parts(compute_reward(text, rec("TorF1", "yes"))) == (0.0, 0.0, 0.0)
+    assert parse_answer(r"\boxed{(c)}", rec("Counting1", "C")) == "C"
+    assert parse_answer(r"\boxed{7 lines}", rec("Counting3", 7)) == 7
+    assert parse_answer(r"\boxed{Yes}", rec("TorF2", "yes")) == "yes"
+    assert parse_answer("nothing", rec("TorF2", "yes")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+def test_reward_weights():
+    for level, gamma, plus, m in [("easy", 1.0, 1.0, 0), ("middle", 1.2, 1.5, 1), ("hard", 1.5, 2.0, 2)]:
+        assert difficulty_weight({"type": "TorF1", "difficulty_city": level}) == gamma
+        assert plus_weight({"type": "TorF1", "difficulty_city": level}) == plus
+        for q, qq in [(0, 0), (1, 1), (2, 2), (5, 2)]:
+            rec = _plan(q=q, level=level)
+            assert difficulty_weight(rec) == gamma + (0.5 if q else 0.0)
+            assert reasonmap_weight(rec) == 1 + 0.5 * qq + 0.5 * m
+    assert reasonmap_weight(_plan(q=3, level="hard")) == 3.0
+
+
+def test_reward_bad_records_raise_naming_the_field():
+    cases = [({"type": "Foo", "difficulty_city": "easy"}, "type"),
+             ({"type": "TorF1", "difficulty_city": "hard-ish", "answer": "yes"}, "difficulty_city"),
+             ({"type": "Counting1", "difficulty_city": "easy", "answer": "E"}, "answer"),
+             (dict(_plan(), metro=None), "metro"),
+             (dict(_plan(), question_transfer_count=None), "question_transfer_count"),
+             (dict(_plan(), station_1=None), "station_1")]
+    for rec, field in cases:
+        try:
+            compute_reward("x", rec)
+        except ValueError as e:
+            assert field in str(e), (field, e)
+        else:
+            raise AssertionError(f"no error for bad {field}")
+    for rec, field in [(dict(_plan(), routes=[]), "routes"), (dict(_plan(), template="long3"), "template")]:
+        try:
+            map_score("x", rec)
+        except ValueError as e:
+            assert field in str(e)
+        else:
+            raise AssertionError(field)
+
+
+# ---------------------------------------------------------------------------------------------
+# Map score (RM Alg. 2)
+
+def test_reward_map_score_short():
+    rec = _plan()
+    assert map_score_max(rec) == 20.0 and map_score_max(dict(rec, template="long1")) == 40.0
+    right = _route(("Line 1", "A", "C"), ("Line 2", "C", "F"))
+    assert map_score(right, rec) == 1 + 4 + 4 + 10                   # 19
+    # wrong second line: not correct; endpoints +1, seg 1 +4, seg 2 +1 +1
+    assert map_score(_route(("Line 1", "A", "C"), ("Line 3", "C", "F")), rec) == 7
+    assert map_score(_route(("Line 1", "B", "C"), ("Line 2", "C", "F")), rec) == 0   # endpoint
+    assert map_score("garbage", rec) == 0
+    # best over reference routes
+    other = [{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "B", "via_stops": []},
+             {"route_name": "Line 2", "departure_stop": "B", "arrival_stop": "F", "via_stops": []}]
+    two = _plan(routes=[other, rec["routes"][0]])
+    assert map_score(right, two) == 19 and map_score(right, _plan(routes=[other])) == 7 + 10
+    # cap 10 before the +10
+    chain = {f"K{i}": [f"P{i}", f"P{i + 1}"] for i in range(1, 8)}
+    segs = [(f"K{i}", f"P{i}", f"P{i + 1}") for i in range(1, 8)]
+    ref = [{"route_name": l, "departure_stop": d, "arrival_stop": a, "via_stops": []} for l, d, a in segs]
+    crec = _plan(s1="P1", s2="P8", q=6, metro=chain, routes=[ref])
+    assert map_score(_route(*segs), crec) == 20
+
+
+def test_reward_map_score_long():
+    ref = [[{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "D", "via_stops": ["B", "C"]}]]
+    long1 = _plan(s2="D", q=0, template="long1", routes=ref)      # "Number of Via Stops"
+    seg = ("Line 1", "A", "D")
+    assert map_score(_route(seg, extra=["Number of Via Stops: 2"]), long1) == 1 + 4 + 4 + 20
+    assert map_score(_route(seg, extra=["Number of Via Stops: 3"]), long1) == 1 + 4 + 2 + 20
+    assert map_score(_route(seg), long1) == 1 + 4 + 0 + 20           # missing count reads 0
+    long2 = dict(long1, template="long2")                          # "Via Stops"
+    got = map_score(_route(seg, extra=["Via Stops: B Station, Z"]), long2)
+    assert abs(got - (1 + 4 + (10 * 1 / 3 + 1) / 2 + 20)) < 1e-12    # IoU {b}/{b,c,z}, 1 hit
+    assert map_score(_route(seg, extra=["Via Stops: B, C"]), long2) == 1 + 4 + (10 + 2) / 2 + 20
+    # repeats count once; a wrong line keeps the hits but drops the IoU
+    assert map_score(_route(seg, extra=["Via Stops: B, B, B"]), long2) == 1 + 4 + (5 + 1) / 2 + 20
+    assert map_score(_route(("Line 2", "A", "D"), extra=["Via Stops: B, C"]), long2) == \
+        1 + 2 + (0 + 2) / 2
+    # the short template ignores via stops
+    assert map_score(_route(seg, extra=["Via Stops: B, C"]), dict(long1, template="short")) == 5 + 10
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-metro cache must never confuse two dicts
+
+def test_reward_metro_cache_two_dicts():
+    m1, m2 = {"Line 1": ["A", "B"]}, {"Line 1": ["A", "C"]}
+    ans = _route(("Line 1", "A", "C"))
+    for _ in range(3):
+        assert compute_reward(ans, _plan(s2="C", q=0, metro=m2))["correctness"] == 10
+        assert compute_reward(ans, _plan(s2="C", q=0, metro=m1))["correctness"] == 0
+    for i in range(300):      # fresh dicts, freed at once: ids get reused
+        m = {"Line 1": ["A", f"S{i}"]}
+        assert compute_reward(_route(("Line 1", "A", f"S{i}")), _plan(s2=f"S{i}", q=0, metro=m))[
+            "correctness"] == 10
+        assert compute_reward(_route(("Line 1", "A", f"S{i - 1}")), _plan(s2=f"S{i}", q=0, metro=m))[
+            "detail"] == 2 + 0    # departure right, S{i-1} not on this dict's line
+    twin = json.loads(json.dumps(m2))          # same content, another dict (as from JSONL)
+    assert compute_reward(ans, _plan(s2="C", q=0, metro=twin))["correctness"] == 10
+    assert reward._metro_lookup(twin) is reward._metro_lookup(m2)
+    m1["Line 1"].append("C")  # edited in place (the stop count changes): seen
+    assert compute_reward(ans, _plan(s2="C", q=0, metro=m1))["correctness"] == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile model text
+
+def test_reward_hostile_answers_never_raise():
+    seg = "Route Name: Line 1\nDeparture Stop: A\nArrival Stop: C\n"
+    hostile = ["", "x" * 2_000_000, seg * 40_000, "\\boxed{" * 20_000 + "}" * 20_000,
+               "{" * 20_000 + "\\boxed{3}" + "}" * 20_000, "\\boxed{" * 300_000, "--" * 100_000,
+               ("--" + seg) * 20_000, "".join(map(chr, range(32))) * 1000,
+               "\ud800\udfff\ud83d" * 1000 + seg.replace("A", "\ud800"), None, 12345,
+               b"Route Name: x", ["a"], "Route Name: " + "L" * 2_000_000 + "\nDeparture Stop: A\n"
+               "Arrival Stop: C", "Route Name:" * 300_000, "Number of Via Stops: " + "9" * 1_000_000,
+               "}" * 1_000_000 + "\\boxed{" + "{" * 1_000_000, "Route Name" + " " * 1_000_000 + "x:",
+               "Route Name " + "* " * 500_000 + ":", "Via Stops: " + "a," * 500_000,
+               "Route Name: 1 Departure Stop: A Arrival Stop: C Via Stops: " + "a, " * 300_000]
+    records = [_plan(template="long1"), {"type": "Counting2", "answer": 3, "difficulty_city": "easy"}]
+    worst = 0.0
+    for text in hostile:
+        for rec in records:
+            calls = [compute_reward, parse_answer] + [map_score] * (rec["type"] == "planning")
+            for fn in calls:
+                start = time.perf_counter()
+                out = fn(text, rec)
+                worst = max(worst, time.perf_counter() - start)
+                if fn is compute_reward:
+                    assert set(out) == {"format", "correctness", "detail", "weight", "total"}
+                    assert all(isinstance(v, float) for v in out.values())
+                if fn is map_score:
+                    assert 0 <= out <= map_score_max(rec)
+    assert worst < 1.0, worst          # per call; generous: the slowest takes ~0.15 s here
+
+
+def test_reward_never_evaluates_model_text():
+    source = inspect.getsource(reward)
+    for banned in ("eval(", "exec(", "sympy", "__import__", "pickle", "builtins", "literal_eval"):
+        assert banned not in source, banned
+
+
+# ---------------------------------------------------------------------------------------------
+# Agreement with an independent implementation of DESIGN.md §3 on the 30 real cities.
+# Nothing below calls reward.py except the two normalisers; the parser works from str.find over
+# a lower-cased copy instead of one regex, the network check walks the raw Metro Data each time.
+
+_MARKERS = (" (Transfer Station)", "（换乘站）", " (Branch-starting Station)", "（支线起始站）")
+_LABELS = ("number of via stops", "route name", "departure stop", "arrival stop", "via stops")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def _load_cities():
+    cities = {}
+    for path in sorted(glob.glob(os.path.join(REASONMAP, "stations", "*", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+        metro = {}
+        for line, stops in raw.items():
+            clean = []
+            for stop in stops:
+                for marker in _MARKERS:
+                    stop = stop.replace(marker, "")
+                clean.append(stop)
+            metro[line] = clean
+        cities[os.path.basename(path)[:-5]] = metro
+    return cities
+
+
+def _ind_label_hits(section):
+    """[(start, end, label)] of labels followed by optional spaces, '*'s and a colon; scanned
+    left to right without overlaps, longest label first at one position."""
+    low = section.translate(_ASCII_LOWER)
+    found = []
+    for label in _LABELS:
+        at = low.find(label)
+        while at >= 0:
+            j = at + len(label)
+            while j < len(low) and low[j] in " \t":
+                j += 1
+            while j < len(low) and low[j] == "*":
+                j += 1
+            while j < len(low) and low[j] in " \t":
+                j += 1
+            if j < len(low) and low[j] in ":：":
+                found.append((at, j + 1, label))
+            at = low.find(label, at + 1)
+    found.sort(key=lambda t: (t[0], -len(t[2])))
+    hits, end = [], 0
+    for start, stop, label in found:
+        if start >= end:
+            hits.append((start, stop, label))
+            end = stop
+    return hits
+
+
+def _ind_sections(text):
+    if not isinstance(text, str):
+        return []
+    out = []
+    for section in text.split("--"):
+        hits = _ind_label_hits(section)
+        got = {}
+        for k, (start, stop, label) in enumerate(hits):
+            if label in got:
+                continue
+            nxt = hits[k + 1][0] if k + 1 < len(hits) else len(section)
+            got[label] = section[stop:nxt].lstrip().partition("\n")[0].strip(" \t\r\f\v*`")
+        if got.get("route name") and got.get("departure stop") and got.get("arrival stop"):
+            out.append((got["route name"], got["departure stop"], got["arrival stop"]))
+    return out
+
+
+def _ind_serves(metro, line, dep, arr):
+    for name, stops in metro.items():
+        if normalize_line(name) == normalize_line(line):
+            names = [normalize_stop(s) for s in stops]
+            if normalize_stop(dep) in names and normalize_stop(arr) in names:
+                return True
+    return False
+
+
+def _ind_reward(text, rec, alpha=0.5):
+    secs = _ind_sections(text)
+    s1, s2 = normalize_stop(rec["station_1"]), normalize_stop(rec["station_2"])
+    weight = {"easy": 1.0, "middle": 1.2, "hard": 1.5}[rec["difficulty_city"]]
+    if rec["question_transfer_count"] != 0:
+        weight += 0.5
+    if not secs:
+        return 0.0, 0.0, 0.0, weight, weight * (0.0 + 0.0 + alpha * 0.0)
+    good = [_ind_serves(rec["metro"], *s) for s in secs]
+    same = [normalize_stop(secs[i][2]) == normalize_stop(secs[i + 1][1]) for i in range(len(secs) - 1)]
+    dep_ok, arr_ok = normalize_stop(secs[0][1]) == s1, normalize_stop(secs[-1][2]) == s2
+    correct = 10.0 if dep_ok and arr_ok and all(good) and all(same) else 0.0
+    detail = 0.0
+    if dep_ok or arr_ok:
+        detail += 2
+    for i in range(len(secs)):
+        if i > rec["question_transfer_count"]:
+            detail -= 5
+        if i == 0 and good[0]:
+            detail += 4
+        if good[i] and i + 1 < len(secs) and same[i]:
+            detail += 1
+    detail = min(detail, 10.0)
+    return 1.0, correct, detail, weight, weight * (1.0 + correct + alpha * detail)
+
+
+def _fewest_transfer_route(metro, s1, s2, rng):
+    """Lines path by BFS over 'lines sharing a stop name', then a random transfer stop each time."""
+    stops = {line: {normalize_stop(s): s for s in seq} for line, seq in metro.items()}
+    start = [l for l in metro if normalize_stop(s1) in stops[l]]
+    goal = {l for l in metro if normalize_stop(s2) in stops[l]}
+    prev, frontier = {l: None for l in start}, list(start)
+    while frontier and not goal & set(frontier):
+        nxt = []
+        for a in frontier:
+            for b in metro:
+                if b not in prev and stops[a].keys() & stops[b].keys():
+                    prev[b] = a
+                    nxt.append(b)
+        frontier = nxt
+    end = next((l for l in frontier if l in goal), None)
+    if end is None:
+        return None
+    lines = [end]
+    while prev[lines[-1]] is not None:
+        lines.append(prev[lines[-1]])
+    lines.reverse()
+    segs, here = [], s1
+    for a, b in zip(lines, lines[1:]):
+        via = rng.choice(sorted(stops[a].keys() & stops[b].keys()))
+        segs.append([a, here, stops[a][via]])
+        here = stops[b][via]
+    segs.append([lines[-1], here, s2])
+    return segs
+
+
+def _dress_line(name, rng):
+    pick = rng.random()
+    if pick < 0.6:
+        return name
+    if name.lower().startswith("line ") and pick < 0.75:
+        return name[5:]                                  # "Line 1" -> "1"
+    if name.lower().startswith("line ") and pick < 0.85:
+        return name[5:] + "号线"
+    return rng.choice([name.upper(), name.lower(), name + " (towards the end)"])
+
+
+def _dress_stop(name, rng):
+    pick = rng.random()
+    if pick < 0.7:
+        return name
+    plain = not name.lower().endswith(("station", "站"))     # "X Station Station" is another stop
+    return rng.choice([name + " Station" if plain else name, name.upper(), "  " + name + ".",
+                       name + "站" if plain else name, f"**{name}**"])
+
+
+def _render(segs, rng, style, extra_field=None):
+    out = []
+    for line, dep, arr in segs:
+        fields = [("Route Name", line), ("Departure Stop", dep), ("Arrival Stop", arr)]
+        if extra_field == "num":
+            fields.append(("Number of Via Stops", str(rng.randint(0, 9))))
+        elif extra_field == "via":
+            fields.append(("Via Stops", "X, Y"))
+        if rng.random() < 0.1:
+            rng.shuffle(fields)
+        if style == "lines":
+            out.append("".join(f"{k}: {v}\n" for k, v in fields))
+        elif style == "one":
+            out.append(" ".join(f"{k}: {v}" for k, v in fields))
+        elif style == "bold":
+            out.append("".join(f"**{k}:** {v}\n" for k, v in fields))
+        else:
+            out.append("".join(f"{k.upper()} ：{v}\n" for k, v in fields))
+    sep = rng.choice(["--\n", "\n--\n", " -- ", "----\n"])
+    head = rng.choice(["", "Let me trace the lines.\n", "Answer:\n--\n"])
+    return head + sep.join(out) + rng.choice(["", "\n", "\nThat is the route."])
+
+
+def _answers_for(metro, segs, rng):
+    """Right, half-right and wrong answers (lists of segments), plus raw texts."""
+    all_stops = [s for seq in metro.values() for s in seq]
+    lines = list(metro)
+    variants = [("right", [list(s) for s in segs])]
+    v = [list(s) for s in segs]; v[0][1] = rng.choice(all_stops); variants.append(("endpoint", v))
+    v = [list(s) for s in segs]; v[-1][2] = rng.choice(all_stops); variants.append(("endpoint2", v))
+    v = [list(s) for s in segs]; v[rng.randrange(len(v))][0] = rng.choice(lines); variants.append(("line", v))
+    if len(segs) > 1:
+        v = [list(s) for s in segs]; del v[rng.randrange(len(v))]; variants.append(("missing", v))
+        v = [list(s) for s in segs]; k = rng.randrange(len(v) - 1); v[k][2] = rng.choice(all_stops)
+        variants.append(("transfer", v))
+    v = [list(s) for s in segs]
+    for _ in range(rng.randint(1, 3)):
+        last = v[-1]
+        v.append([rng.choice(lines), last[2], rng.choice(all_stops)])
+    variants.append(("extra", v))
+    v = [list(s) for s in segs]; k = rng.randrange(len(v)); v[k][1], v[k][2] = v[k][2], v[k][1]
+    variants.append(("swap", v))
+    v = [[rng.choice(lines), rng.choice(all_stops), rng.choice(all_stops)] for _ in range(rng.randint(1, 4))]
+    variants.append(("wrong", v))
+    return variants
+
+
+def _garbage(rng, text):
+    pick = rng.random()
+    if pick < 0.3:
+        return text[:rng.randrange(len(text) + 1)]                 # truncated answer
+    if pick < 0.5:
+        return text.replace("Arrival Stop", "Arrival", 1)          # a field lost
+    if pick < 0.7:
+        return text.replace("Departure Stop: ", "Departure Stop:  \n", 1)   # value on no line
+    alphabet = "ab -:\n*：Route Name Departure Stop Arrival Stop"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 200)))
+
+
+def test_reward_agrees_with_independent_implementation_on_real_cities():
+    need_reasonmap()
+    cities = _load_cities()
+    assert len(cities) == 30
+    rng = random.Random(1234)
+    checked = correct = 0
+    kinds = {}
+    for name, metro in sorted(cities.items()):
+        for stops in metro.values():
+            assert all(normalize_stop(s) for s in stops)     # no real stop normalises to ""
+        all_stops = sorted({s for seq in metro.values() for s in seq})
+        for _ in range(30):
+            s1, s2 = rng.sample(all_stops, 2)
+            if normalize_stop(s1) == normalize_stop(s2):
+                continue
+            segs = _fewest_transfer_route(metro, s1, s2, rng)
+            if segs is None:
+                continue
+            q = len(segs) - 1
+            for kind, plan in _answers_for(metro, segs, rng):
+                dressed = [(_dress_line(l, rng), _dress_stop(d, rng), _dress_stop(a, rng))
+                           for l, d, a in plan]
+                text = _render(dressed, rng, rng.choice(["lines", "one", "bold", "caps"]),
+                               rng.choice([None, None, "num", "via"]))
+                if rng.random() < 0.15:
+                    text, kind = _garbage(rng, text), "garbage"
+                rec = {"id": f"{name}-{checked}", "type": "planning", "station_1": s1,
+                       "station_2": s2, "metro": metro,
+                       "question_transfer_count": q if rng.random() < 0.8 else rng.randint(0, 3),
+                       "difficulty_city": rng.choice(["easy", "middle", "hard"])}
+                got = compute_reward(text, rec)
+                want = _ind_reward(text, rec)
+                assert (got["format"], got["correctness"], got["detail"], got["weight"],
+                        got["total"]) == want, (text, rec["station_1"], rec["station_2"], got, want)
+                assert [(s["route_name"], s["departure_stop"], s["arrival_stop"])
+                        for s in parse_route(text)] == _ind_sections(text), text
+                if kind == "right":
+                    assert got["correctness"] == 10.0, (text, s1, s2)
+                kinds[kind] = kinds.get(kind, 0) + 1
+                checked += 1
+                correct += got["correctness"] > 0
+    assert checked >= 6000, checked
+    assert 0.1 < correct / checked < 0.6, (correct, checked)    # a real mix of right and wrong
+    assert kinds.get("garbage", 0) > 500 and kinds.get("extra", 0) > 500
+
+
+# =============================================================================================
+# grpo.py and curriculum.py — advantages, k3, clipped loss (§4.1); stages and batches (§4.3)
+# =============================================================================================
+
+def _close(a, b, tol=1e-5):
+    a = torch.as_tensor(a, dtype=torch.float32)
+    b = torch.as_tensor(b, dtype=torch.float32)
+    return a.shape == b.shape and bool(torch.allclose(a, b, atol=tol, rtol=0))
+
+
+def _raises(fn, *words):
+    try:
+        fn()
+    except ValueError as e:
+        msg = str(e)
+        assert all(w in msg for w in words), msg
+        return
+    raise AssertionError("no ValueError")
+
+
+# ------------------------------------------------------------------------------------ grpo.py
+
+def test_grpo_advantages_centred():
+    # group [1, 2, 3, 6]: mean 3 -> [-2, -1, 0, 3]; group [5, 5, 5, 5]: no signal -> zeros
+    adv = grpo.group_advantages([1, 2, 3, 6, 5, 5, 5, 5], 4)
+    assert adv.dtype == torch.float32
+    assert _close(adv, [-2, -1, 0, 3, 0, 0, 0, 0])
+    # group of 2: [0, 10] -> mean 5 -> [-5, 5]; [7, 7] -> [0, 0]
+    assert _close(grpo.group_advantages(torch.tensor([0.0, 10.0, 7.0, 7.0]), 2), [-5, 5, 0, 0])
+    # a group of one has nothing to compare with
+    assert _close(grpo.group_advantages([3.0, 4.0], 1), [0, 0])
+
+
+def test_grpo_advantages_scaled():
+    # [1, 2, 3, 6]: deviations -2, -1, 0, 3; unbiased var = (4+1+0+9)/3 = 14/3; std = 2.1602469
+    s = math.sqrt(14 / 3)
+    adv = grpo.group_advantages([1, 2, 3, 6, 5, 5, 5, 5], 4, scale=True)
+    assert _close(adv, [-2 / s, -1 / s, 0, 3 / s, 0, 0, 0, 0])
+    assert _close(adv[:4], [-0.9258201, -0.4629100, 0.0, 1.3887302])
+    # group of 2 [0, 10]: std = sqrt(50) = 7.0710678 -> ±0.70710678; all-equal group: 0/eps = 0
+    assert _close(grpo.group_advantages([0, 10, 2, 2], 2, scale=True), [-0.7071068, 0.7071068, 0, 0])
+    # group of one: std taken as 0, not NaN
+    assert _close(grpo.group_advantages([3.0], 1, scale=True), [0.0])
+
+
+def test_grpo_advantages_bad_input():
+    _raises(lambda: grpo.group_advantages([1, 2, 3], 2), "3 rewards", "groups of 2")
+    _raises(lambda: grpo.group_advantages([1, 2], 0), "group_size")
+    _raises(lambda: grpo.group_advantages([[1, 2]], 2), "1-D")
+    _raises(lambda: grpo.group_advantages([1, float("nan")], 2), "NaN")
+
+
+def test_grpo_weight_cancels_with_scale_not_centred():
+    # DESIGN.md §4: the difficulty weight w (same for the whole group: one question, one map)
+    # multiplies every reward. x = format + correctness + 0.5 * detail for 4 samples:
+    x = torch.tensor([1 + 10 + 0.5 * 9, 1 + 0 + 0.5 * 2, 0.0, 1 + 0 + 0.5 * 6])  # 15.5, 2, 0, 4
+    w = 1.5  # γ of a hard map; any w shared by the group shows the same
+    centred_x = grpo.group_advantages(x, 4)
+    centred_wx = grpo.group_advantages(w * x, 4)
+    # mean x = 21.5/4 = 5.375 -> centred x = [10.125, -3.375, -5.375, -1.375]
+    assert _close(centred_x, [10.125, -3.375, -5.375, -1.375])
+    assert _close(centred_wx, w * centred_x)          # the paper's form: w scales the update
+    scaled_x = grpo.group_advantages(x, 4, scale=True)
+    scaled_wx = grpo.group_advantages(w * x, 4, scale=True)
+    assert _close(scaled_wx, scaled_x, tol=1e-6)       # the release's form: w is gone
+    assert not _close(centred_wx, centred_x, tol=1e-3)
+    # ... and so is the effect on the update: same gradient through the loss with scale=True
+    logp = torch.zeros(4, 2, requires_grad=True)
+    grads = []
+    for adv in (scaled_x, scaled_wx, centred_x, centred_wx):
+        logp.grad = None
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, torch.ones(4, 2))
+        loss.backward()
+        grads.append(logp.grad.clone())
+    assert _close(grads[0], grads[1], tol=1e-6)
+    assert _close(grads[3], w * grads[2])
+
+
+def test_grpo_kl_k3_values():
+    z = torch.zeros(3)
+    assert _close(grpo.kl_k3(z, z), [0, 0, 0], tol=0)           # zero where the policies agree
+    # d = ref - logp: d = ln 2 -> 2 - ln2 - 1 = 0.3068528; d = -1 -> e^-1 + 1 - 1 = 0.3678794;
+    # d = 2 -> e^2 - 3 = 4.3890561
+    logp = torch.tensor([0.0, 0.0, -3.0])
+    ref = torch.tensor([math.log(2), -1.0, -1.0])
+    assert _close(grpo.kl_k3(logp, ref), [0.3068528, 0.3678794, 4.3890561])
+    # never negative on a grid of log-ratios, incl. huge ones (clamped to ±20: finite)
+    d = torch.linspace(-60, 60, 241)
+    k = grpo.kl_k3(torch.zeros_like(d), d)
+    assert bool((k >= 0).all()) and bool(torch.isfinite(k).all())
+    assert abs(k[-1].item() / (math.exp(20) - 21) - 1) < 1e-6    # d = 60 acts as d = 20
+    # fp32 whatever comes in
+    assert grpo.kl_k3(z.bfloat16(), z.bfloat16()).dtype == torch.float32
+    _raises(lambda: grpo.kl_k3(torch.zeros(2), torch.zeros(3)), "shape")
+
+
+def _hand_example():
+    # B = 2 responses, T = 3; row 0 has 2 response tokens (t2 is padding), row 1 has 3.
+    #            ratio ρ                      A     ref - logp
+    # row 0:  1.5, 1.0, (pad)                 +1    ln2, 0, (pad)
+    # row 1:  0.5, 1.1, 2.0                   -2    0, -ln2, 0
+    logp = torch.tensor([[-1.0, -2.0, -float("inf")], [-0.5, -1.5, -0.7]])
+    old = logp.clone()
+    old[0, 0] -= math.log(1.5)
+    old[0, 2] = 5.0
+    old[1, 0] -= math.log(0.5)
+    old[1, 1] -= math.log(1.1)
+    old[1, 2] -= math.log(2.0)
+    ref = logp.clone()
+    ref[0, 0] += math.log(2)
+    ref[0, 2] = 7.0
+    ref[1, 1] -= math.log(2)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    return logp, old, ref, adv, mask
+
+
+def test_grpo_loss_hand_example():
+    logp, old, ref, adv, mask = _hand_example()
+    logp.requires_grad_(True)
+    loss, st = grpo.grpo_loss(logp, old, ref, adv, mask, clip_eps=0.2, kl_coef=0.1)
+    # surrogate per token, -min(ρA, clip(ρ, 0.8, 1.2)A):
+    #   r0t0: -min(1.5, 1.2) = -1.2 (clipped)      r0t1: -min(1.0, 1.0) = -1.0
+    #   r1t0: -min(-1.0, -1.6) = 1.6 (clipped)     r1t1: -min(-2.2, -2.2) = 2.2
+    #   r1t2: -min(-4.0, -2.4) = 4.0 (not clipped: the pessimistic term is the raw one)
+    #   sum = -2.2 + 7.8 = 5.6 over N = 5 tokens -> 1.12
+    # k3: r0t0 e^ln2 - ln2 - 1 = 0.3068528, r1t1 e^-ln2 + ln2 - 1 = 0.1931472; sum 0.5 -> 0.1
+    # loss = 1.12 + 0.1 * 0.1 = 1.13
+    assert _close(loss, 1.13)
+    assert abs(st["pg_loss"] - 1.12) < 1e-5 and abs(st["kl"] - 0.1) < 1e-5
+    assert abs(st["clip_frac"] - 2 / 5) < 1e-6
+    assert abs(st["ratio_mean"] - (1.5 + 1.0 + 0.5 + 1.1 + 2.0) / 5) < 1e-5   # 1.22
+    assert abs(st["ratio_max"] - 2.0) < 1e-5 and st["tokens"] == 5.0
+    assert abs(st["adv_abs_mean"] - 1.5) < 1e-6
+    loss.backward()
+    # d/dlogp: surrogate -Aρ/N where not clipped, 0 where clipped; k3 gives kl_coef·(1 - e^d)/N
+    #   r0t0: 0 + 0.1·(1-2)/5 = -0.02     r0t1: -1·1.0/5 = -0.2       r0t2: padding -> 0
+    #   r1t0: 0                           r1t1: 2·1.1/5 + 0.1·(1-0.5)/5 = 0.44 + 0.01 = 0.45
+    #   r1t2: 2·2.0/5 = 0.8
+    assert _close(logp.grad, [[-0.02, -0.2, 0.0], [0.0, 0.45, 0.8]])
+
+
+def test_grpo_loss_sequence_and_clip_high():
+    logp, old, ref, adv, mask = _hand_example()
+    # sequence mean (DeepSeekMath GRPO): row 0 (-1.2 - 1.0 + 0.1·0.3068528)/2,
+    # row 1 (1.6 + 2.2 + 4.0 + 0.1·0.1931472)/3, then the mean of the two rows
+    r0 = (-2.2 + 0.1 * (2 - math.log(2) - 1)) / 2
+    r1 = (7.8 + 0.1 * (0.5 + math.log(2) - 1)) / 3
+    loss, _ = grpo.grpo_loss(logp, old, ref, adv, mask, kl_coef=0.1, aggregation="sequence")
+    assert _close(loss, (r0 + r1) / 2)          # 0.7608904
+    assert _close(loss, 0.7608904)
+    # DAPO clip-higher, ε_high = 0.6: r0t0 (ρ 1.5, A > 0) is no longer clipped: -1.5 instead
+    # of -1.2 -> surrogate sum 5.3 / 5 = 1.06; no KL
+    loss, st = grpo.grpo_loss(logp, old, None, adv, mask, clip_eps_high=0.6)
+    assert _close(loss, 1.06) and abs(st["clip_frac"] - 1 / 5) < 1e-6 and st["kl"] == 0.0
+    # num_tokens replaces the local count in the token-mean: 5.3 / 10
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, mask, clip_eps_high=0.6, num_tokens=10)
+    assert _close(loss, 0.53)
+
+
+def test_grpo_loss_masked_tokens_get_no_gradient():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 5)
+    logp[:, 3:] = -float("inf")                # padding log-probs are often -inf or garbage
+    logp.requires_grad_(True)
+    old = torch.randn(3, 5)
+    old[1, 4] = float("nan")
+    ref = torch.randn(3, 5)
+    mask = torch.ones(3, 5)
+    mask[:, 3:] = 0
+    loss, st = grpo.grpo_loss(logp, old, ref, torch.tensor([1.0, -0.5, 2.0]), mask, kl_coef=0.1)
+    loss.backward()
+    assert bool(torch.isfinite(loss)) and math.isfinite(st["kl"]) and math.isfinite(st["ratio_mean"])
+    assert bool((logp.grad[:, 3:] == 0).all())
+    assert bool((logp.grad[:, :3] != 0).all())
+    # changing what sits under the mask changes nothing
+    logp2 = logp.detach().clone()
+    logp2[:, 3:] = 123.0
+    loss2, _ = grpo.grpo_loss(logp2, old, ref, torch.tensor([1.0, -0.5, 2.0]), mask, kl_coef=0.1)
+    assert _close(loss2, loss.detach(), tol=1e-6)
+
+
+def test_grpo_nonzero_gradient_at_ratio_one():
+    # First update: θ = θ_old = θ_ref, so ρ = 1 and k3 = 0. Centred advantages of a group of 2
+    # with rewards [1, 0]: A = [0.5, -0.5]; 3 tokens each -> N = 6.
+    adv = grpo.group_advantages([1.0, 0.0], 2)
+    logp = torch.full((2, 3), -1.3, requires_grad=True)
+    loss, st = grpo.grpo_loss(logp, logp.detach(), logp.detach(), adv, torch.ones(2, 3))
+    # loss = -(0.5·3 - 0.5·3)/6 = 0 ... but the gradient is -A/N per token = ∓0.5/6
+    assert abs(loss.item()) < 1e-7 and st["clip_frac"] == 0.0 and abs(st["ratio_mean"] - 1) < 1e-7
+    loss.backward()
+    assert _close(logp.grad, [[-0.5 / 6] * 3, [0.5 / 6] * 3], tol=1e-7)
+    # unequal lengths (3 and 1 tokens): loss = -(0.5·3 - 0.5·1)/4 = -0.25, gradient -A/4
+    logp = torch.full((2, 3), -1.3, requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask)
+    loss.backward()
+    assert _close(loss, -0.25)
+    assert _close(logp.grad, [[-0.125] * 3, [0.125, 0, 0]])
+
+
+def test_grpo_loss_empty_mask_and_bad_shapes():
+    logp = torch.full((2, 3), -float("inf"), requires_grad=True)
+    loss, st = grpo.grpo_loss(logp, torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2), torch.zeros(2, 3))
+    assert loss.item() == 0.0 and loss.requires_grad and st["tokens"] == 0.0
+    loss.backward()                            # still a graph: every DDP rank can run backward
+    assert bool((logp.grad == 0).all())
+    z = torch.zeros(2, 3)
+    _raises(lambda: grpo.grpo_loss(z, torch.zeros(2, 4), None, torch.ones(2), z), "old_logp", "(2, 4)")
+    _raises(lambda: grpo.grpo_loss(z, z, None, torch.ones(3), z), "advantages")
+    _raises(lambda: grpo.grpo_loss(z, z, None, torch.ones(2), z, aggregation="mean"), "aggregation")
+    _raises(lambda: grpo.grpo_loss(torch.zeros(6), z, None, torch.ones(2), z), "[B, T]")
+
+
+def test_grpo_curriculum_import_no_model_code():
+    code = ("import sys, curriculum; assert 'torch' not in sys.modules, 'curriculum imported torch'; "
+            "import grpo; assert 'transformers' not in sys.modules, 'grpo imported transformers'")
+    r = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------ curriculum.py
+
+_COUNTS = {"TorF1": 5, "TorF2": 4, "Counting1": 3, "Counting2": 4, "Counting3": 2, "planning": 5}
+
+
+def _records(counts=_COUNTS):
+    return [{"id": f"{t}-{i}", "type": t} for t, n in counts.items() for i in range(n)]  # 23
+
+
+def test_curriculum_stages_every_mode():
+    assert curriculum.stages("rewardmap") == [["TorF1", "TorF2"], ["Counting2", "Counting3"],
+                                              ["Counting1"], ["planning"]]
+    assert curriculum.stages("fine") == [["TorF1"], ["TorF2"], ["Counting3"], ["Counting2"],
+                                         ["Counting1"], ["planning"]]
+    assert curriculum.stages("coarse") == [["TorF1", "TorF2", "Counting1", "Counting2", "Counting3"],
+                                           ["planning"]]
+    assert curriculum.stages("none") == [["TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning"]]
+    assert curriculum.stages("reverse") == [["planning"], ["Counting1"], ["Counting2", "Counting3"],
+                                            ["TorF1", "TorF2"]]
+    assert curriculum.stage_of("Counting3", "rewardmap") == 1 and curriculum.stage_of("Counting3", "fine") == 2
+    assert curriculum.stage_of("planning", "reverse") == 0 and curriculum.stage_of("TorF2", "none") == 0
+    assert curriculum.stage_label(1, "rewardmap") == "2:Counting2+Counting3"
+    _raises(lambda: curriculum.stages("easy-first"), "easy-first", "rewardmap")
+    _raises(lambda: curriculum.stage_of("TorF3", "fine"), "TorF3")
+
+
+def test_curriculum_schedule_stage_order_and_no_loss_every_mode():
+    recs = _records()
+    # expected sequence of types' stages, derived by hand from the stage tables above
+    expect_blocks = {
+        "rewardmap": [9, 6, 3, 5], "fine": [5, 4, 2, 4, 3, 5], "coarse": [18, 5], "none": [23],
+        "reverse": [5, 3, 6, 9],
+    }
+    for mode, sizes in expect_blocks.items():
+        order = curriculum.schedule(recs, mode, seed=0)
+        assert sorted(r["id"] for r in order) == sorted(r["id"] for r in recs), mode   # none lost/repeated
+        assert len(order) == 23 and all(any(o is r for r in recs) for o in order)
+        ks = [curriculum.stage_of(r["type"], mode) for r in order]
+        assert ks == sorted(ks), mode                                                  # stage order kept
+        assert [ks.count(k) for k in range(len(curriculum.stages(mode)))] == sizes, mode
+    # the input list is left alone
+    assert [r["id"] for r in recs] == [r["id"] for r in _records()]
+
+
+def test_curriculum_shuffle_inside_stage_seeded():
+    recs = _records()
+    for mode in curriculum.MODES:
+        a = curriculum.schedule(recs, mode, seed=0)
+        assert a == curriculum.schedule(recs, mode, seed=0), mode                 # same seed, same order
+        assert [r["id"] for r in a] != [r["id"] for r in curriculum.schedule(recs, mode, seed=1)], mode
+        for k, types in enumerate(curriculum.stages(mode)):
+            ids = [r["id"] for r in a if r["type"] in types]
+            # input order here is the sorted order by type then index; a stage of >= 4 records
+            # must come out in neither (the chance of a 4-shuffle being identity is 1/24, and
+            # these seeds are fixed)
+            if len(ids) >= 4:
+                by_input = [r["id"] for r in recs if r["type"] in types]
+                assert ids != by_input and ids != sorted(ids), (mode, k, ids)
+    # none mode mixes types across the whole list
+    types = [r["type"] for r in curriculum.schedule(recs, "none", seed=0)]
+    assert types != sorted(types) and types[:5] != ["TorF1"] * 5
+
+
+def test_curriculum_absent_types_skipped_and_bad_records():
+    recs = _records({"TorF1": 3, "planning": 2})
+    order = curriculum.schedule(recs, "fine", seed=3)
+    assert [r["type"] for r in order] == ["TorF1"] * 3 + ["planning"] * 2
+    labels = [lab for lab, _ in curriculum.epoch_batches(recs, mode="fine", batch_size=2)]
+    assert labels == ["1:TorF1", "1:TorF1", "6:planning"]   # [T T] [T p] (tie -> earlier) [p]
+    assert curriculum.schedule([], "rewardmap") == []
+    _raises(lambda: curriculum.schedule([{"id": "q7", "type": "torf1"}]), "q7", "torf1")
+    _raises(lambda: curriculum.schedule([{"id": "q8"}]), "q8", "None")
+    _raises(lambda: curriculum.epoch_batches([], batch_size=2), "no records")
+
+
+def test_curriculum_epoch_batches_labels_straddle():
+    recs = _records()
+    # rewardmap order: 9 TorF, 6 Counting2/3, 3 Counting1, 5 planning (positions 0-8, 9-14,
+    # 15-17, 18-22). Batches of 4: [0-3] s1, [4-7] s1, [8-11] 1×s1 3×s2 -> s2, [12-15] 3×s2 1×s3
+    # -> s2, [16-19] 2×s3 2×s4 -> tie -> s3, [20-22] s4
+    labels = [lab for lab, _ in curriculum.epoch_batches(recs, batch_size=4)]
+    assert labels == ["1:TorF1+TorF2", "1:TorF1+TorF2", "2:Counting2+Counting3",
+                      "2:Counting2+Counting3", "3:Counting1", "4:planning"]
+    # the steps are consecutive slices of schedule(records, mode, seed + epoch)
+    for epoch in (0, 2):
+        steps = curriculum.epoch_batches(recs, seed=5, epoch=epoch, batch_size=4)
+        flat = [r["id"] for _, batch in steps for r in batch]
+        assert flat == [r["id"] for r in curriculum.schedule(recs, "rewardmap", seed=5 + epoch)]
+    e0 = [r["id"] for _, b in curriculum.epoch_batches(recs, epoch=0) for r in b]
+    e1 = [r["id"] for _, b in curriculum.epoch_batches(recs, epoch=1) for r in b]
+    assert e0 != e1 and sorted(e0) == sorted(e1)          # a new shuffle each epoch, same questions
+
+
+def test_curriculum_sharding_1_2_3_ranks_every_mode():
+    recs = _records()   # 23 questions, global batch 6 -> batches of 6, 6, 6, 5
+    for mode in curriculum.MODES:
+        for world in (1, 2, 3):
+            per_rank = [curriculum.epoch_batches(recs, mode=mode, seed=1, epoch=1, batch_size=6,
+                                                 rank=r, world_size=world) for r in range(world)]
+            assert all(len(p) == 4 for p in per_rank), (mode, world)
+            for step in range(4):
+                assert len({p[step][0] for p in per_rank}) == 1          # same label on every rank
+                assert all(len(p[step][1]) >= 1 for p in per_rank)
+            n_last = [len(p[3][1]) for p in per_rank]
+            assert n_last == {1: [5], 2: [3, 2], 3: [2, 2, 1]}[world], n_last
+            seen = collections.Counter(r["id"] for p in per_rank for _, b in p for r in b)
+            assert sorted(seen) == sorted(r["id"] for r in recs) and set(seen.values()) == {1}
+            # the ranks' shares interleave back into the one global order: same order everywhere
+            order = [r["id"] for r in curriculum.schedule(recs, mode, seed=2)]
+            rebuilt = []
+            for step in range(4):
+                shares = [p[step][1] for p in per_rank]
+                for i in range(max(len(s) for s in shares)):
+                    rebuilt += [s[i]["id"] for s in shares if i < len(s)]
+            assert rebuilt == order, (mode, world)
+
+
+def test_curriculum_sharding_pads_only_when_tail_smaller_than_world():
+    recs = _records({"TorF1": 4, "planning": 3})   # 7 questions, batch 6 on 3 ranks: tail of 1
+    order = curriculum.schedule(recs, "rewardmap", seed=0)
+    per_rank = [curriculum.epoch_batches(recs, batch_size=6, rank=r, world_size=3) for r in range(3)]
+    last = [p[-1][1] for p in per_rank]
+    assert [len(b) for b in last] == [1, 1, 1]
+    assert [b[0]["id"] for b in last] == [order[6]["id"], order[0]["id"], order[1]["id"]]
+    seen = collections.Counter(r["id"] for p in per_rank for _, b in p for r in b)
+    assert sum(seen.values()) == 9 and {k for k, v in seen.items() if v == 2} == {order[0]["id"], order[1]["id"]}
+    _raises(lambda: curriculum.epoch_batches(recs, batch_size=6, world_size=4), "multiple of world_size")
+    _raises(lambda: curriculum.epoch_batches(recs, batch_size=6, rank=3, world_size=3), "rank 3")
+    # fewer questions than ranks in total: every rank still gets one (wrapped)
+    tiny = curriculum.epoch_batches(_records({"planning": 1}), batch_size=2, rank=1, world_size=2)
+    assert [(lab, [r["id"] for r in b]) for lab, b in tiny] == [("4:planning", ["planning-0"])]
+
+
+def test_curriculum_cli_prints_plan():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "train.jsonl")
+        with open(path, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in _records()) + "\n")
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            curriculum.main([path, "--batch-size", "4"])
+    out = buf.getvalue()
+    assert "23 questions, 6 steps of 4 (rewardmap)" in out
+    assert "stage 3:Counting1" in out and out.split("3:Counting1")[1].split("\n")[0].split() == ["3", "questions", "1", "steps"]
+
+
+# =============================================================================================
+# model.py and train.py — tiny model, sampling vs log-probs, GRPO steps, DDP, resume (§4, §5.1)
+# =============================================================================================
+
+def _images():
+    from PIL import Image
+    # three sizes -> three different image-token counts, so prompts are left-padded differently
+    return [Image.new("RGB", (200, 120), (200, 30, 30)), Image.new("RGB", (64, 300), (30, 200, 30)),
+            Image.new("RGB", (500, 500), (30, 30, 200))]
+
+
+def test_train_tiny_model_shape():
+    import model
+    m, p = model.build_tiny()
+    n = sum(x.numel() for x in m.parameters())
+    assert 400_000 <= n <= 5_000_000, n
+    tc = m.config.text_config
+    head_dim = tc.hidden_size // tc.num_attention_heads
+    assert sum(tc.rope_parameters["mrope_section"]) == head_dim // 2
+    assert p.tokenizer.padding_side == "left"
+    # the tokenizer is built deterministically and round-trips any text
+    p2 = model.build_tokenizer()
+    text = "Route Name: Line 3\n--\n\\boxed{yes} 西单站（换乘站）"
+    assert p.tokenizer(text)["input_ids"] == p2(text)["input_ids"]
+    assert p.tokenizer.decode(p.tokenizer(text)["input_ids"]) == text
+
+
+def test_train_logprobs_match_sampler():
+    """Teacher-forced log-probs == the sampler's (<= 1e-5), left padding, mixed image sizes,
+    and a question without an image in the same batch."""
+    import torch
+    import model
+    m, p = model.build_tiny()
+    ims = _images()
+    qs = ["Is Stop A on Line 1?", "How many lines pass through Foo Station? Answer in \\boxed{}.",
+          "Plan a route from X to Y."]
+    torch.manual_seed(1)
+    ro = model.generate(m, p, qs, ims, num_samples=4, max_new_tokens=24, with_logprobs=True)
+    assert len(ro.texts) == 12 and ro.input_ids.shape[0] == 12
+    assert ro.image_grid_thw.shape[0] == 3          # each image preprocessed once, not 4 times
+    assert ro.attention_mask[:, 0].tolist().count(0) >= 4   # some rows really are left-padded
+    with torch.no_grad():
+        lp = model.token_logprobs(m, ro)
+    assert lp.shape == ro.completion_mask.shape
+    assert float((lp - ro.sample_logprobs).abs().max()) <= 1e-5
+    assert float(lp.min()) < -1.0                    # non-trivial values, not all zero
+    # a question-subset (micro-batch) gives the same numbers
+    sub = model.select(ro, [2, 0])
+    with torch.no_grad():
+        lp_sub = model.token_logprobs(m, sub)
+    ref = torch.cat([lp[8:12], lp[0:4]])[:, :lp_sub.shape[1]]
+    assert float((lp_sub - ref).abs().max()) <= 1e-5
+    ro2 = model.generate(m, p, qs, [None, ims[1], None], num_samples=2, max_new_tokens=12,
+                         with_logprobs=True)
+    assert ro2.image_grid_thw.shape[0] == 1
+    with torch.no_grad():
+        assert float((model.token_logprobs(m, ro2) - ro2.sample_logprobs).abs().max()) <= 1e-5
+
+
+def test_train_sampler_masks_and_stops():
+    import torch
+    import model
+    m, p = model.build_tiny()
+    torch.manual_seed(0)
+    ro = model.generate(m, p, ["q1", "q2"], _images()[:2], num_samples=8, max_new_tokens=16)
+    vision = set(model._special_ids(p, model.VISION_TOKENS))
+    ids = ro.completion_ids[ro.completion_mask.bool()].tolist()
+    assert not vision & set(ids)
+    end = set(model._special_ids(p, model.END_TOKENS))
+    for row, n, trunc in zip(ro.completion_ids, ro.lengths, ro.truncated):
+        assert (row[n - 1].item() in end) != trunc     # ends on end-of-turn unless truncated
+        assert not end & set(row[: n - 1].tolist())
+    assert ro.completion_mask.sum(1).tolist() == [float(n) for n in ro.lengths]
+    g = model.generate(m, p, ["q1"], _images()[:1], num_samples=3, max_new_tokens=8, greedy=True)
+    assert g.texts[0] == g.texts[1] == g.texts[2]
+
+
+def test_train_save_load_roundtrip():
+    import torch
+    import model
+    from transformers import AutoProcessor
+    m, p = model.build_tiny()
+    with tempfile.TemporaryDirectory() as d:
+        model.save(m, p, d)
+        m2, p2 = model.load(d)
+        assert type(p2).__name__ == "ImageProcessor" and p2.tokenizer.padding_side == "left"
+        assert type(AutoProcessor.from_pretrained(d)).__name__ == "ImageProcessor"
+        s1, s2 = m.state_dict(), m2.state_dict()
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+        ims = _images()[:1]
+        torch.manual_seed(3)
+        a = model.generate(m, p, ["q"], ims, num_samples=2, max_new_tokens=10)
+        torch.manual_seed(3)
+        b = model.generate(m2, p2, ["q"], ims, num_samples=2, max_new_tokens=10)
+        assert a.texts == b.texts and torch.equal(a.input_ids, b.input_ids)
+
+
+def test_train_load_rejects_missing_path():
+    import model
+    try:
+        model.load("/nonexistent/qwen")
+    except FileNotFoundError as e:
+        assert "/nonexistent/qwen" in str(e)
+    else:
+        raise AssertionError("load of a missing folder must fail clearly")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+def _args(**kw):
+    import train
+    a = train.parse_args(["--model", "tiny"])
+    for key, v in kw.items():
+        setattr(a, key, v)
+    return a
+
+
+def _step(rewards, *, wd, lr=1e-2):
+    """One update of train.py on a fresh tiny model with hand-set rewards; (before, after, trainable)."""
+    import torch
+    import grpo
+    import model
+    import train
+    torch.manual_seed(0)
+    m, p = model.build_tiny()
+    m.train()
+    before = {n: t.detach().clone() for n, t in m.named_parameters()}
+    ro = model.generate(m, p, ["Is A on line 1?", "How many lines?"], _images()[:2], num_samples=4,
+                        max_new_tokens=6)
+    args = _args(kl=0.0, micro_batch=1, weight_decay=wd)
+    adv = grpo.group_advantages(torch.tensor(rewards, dtype=torch.float32), 4)
+    opt = torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=wd)
+    opt.zero_grad()
+    loss, stats = train.update(m, m, None, ro, adv, args, 1, "cpu")
+    opt.step()
+    return before, dict(m.named_parameters()), loss, stats
+
+
+def test_train_grpo_step_changes_every_parameter():
+    import torch
+    before, after, loss, stats = _step([0, 1, 2, 3, 3, 0, 1, 0], wd=0.0)
+    unchanged = [n for n, t in after.items() if torch.equal(t.detach(), before[n])]
+    assert not unchanged, unchanged
+    assert stats["tokens"] > 0 and abs(stats["ratio_mean"] - 1.0) < 1e-6   # one update: ratio 1
+
+
+def test_train_equal_rewards_leave_parameters_unchanged():
+    import torch
+    before, after, loss, stats = _step([2.5] * 8, wd=0.0)    # zero advantage everywhere, no KL
+    changed = [n for n, t in after.items() if not torch.equal(t.detach(), before[n])]
+    assert not changed, changed
+    assert loss == 0.0
+
+
+def test_train_sft_targets_score_full_marks():
+    """--algo sft trains on gold_text(record): it must be a correct answer by reward.py's rules."""
+    import data
+    import reward
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        path, _ = data.synth(d, cities=3, seed=1, per_type=2)
+        recs = data.load_records(path)
+    assert {r["type"] for r in recs} >= {"TorF1", "Counting1", "planning"}
+    for r in recs:
+        out = reward.compute_reward(train.gold_text(r), r)
+        assert out["format"] == 1 and out["correctness"] == 10, (r["id"], train.gold_text(r))
+
+
+def _run(argv, nproc=1, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py")] + argv
+    else:
+        cmd = [sys.executable, os.path.join(HERE, "train.py")] + argv
+    r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+SMALL = ["--model", "tiny", "--group-size", "2", "--batch-size", "2", "--max-new-tokens", "6",
+         "--synth-cities", "3", "--synth-per-type", "1", "--lr", "1e-2", "--weight-decay", "0.01",
+         "--epochs", "3"]
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(path):
+    import model
+    return {k: v.detach() for k, v in model.load(path)[0].named_parameters()}
+
+
+def test_train_resume_gives_identical_parameters():
+    """6 steps straight == 3 steps, then --resume for 3 more (same batches, same samples)."""
+    import torch
+    with tempfile.TemporaryDirectory() as d:
+        a, b = os.path.join(d, "a"), os.path.join(d, "b")
+        _run(SMALL + ["--out", a, "--max-steps", "6", "--save-every", "3"])
+        assert os.path.exists(os.path.join(a, "step-3", "trainer_state.pt"))
+        _run(SMALL + ["--out", b, "--data", os.path.join(a, "data", "train.jsonl"),
+                      "--max-steps", "6", "--resume", os.path.join(a, "step-3")])
+        pa, pb = _params(os.path.join(a, "final")), _params(os.path.join(b, "final"))
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+        ma, mb = _metrics(a), _metrics(b)
+        assert [r["step"] for r in mb] == [4, 5, 6]
+        assert [r["reward"] for r in ma[3:]] == [r["reward"] for r in mb]   # the same samples
+        # and training did move the weights
+        from model import build_tiny
+        m0 = dict(build_tiny()[0].named_parameters())
+        assert any(not torch.equal(m0[k].detach(), pa[k]) for k in pa)
+
+
+def test_train_nonfinite_loss_skips_step():
+    import torch
+    from model import build_tiny
+    with tempfile.TemporaryDirectory() as d:
+        _run(SMALL + ["--out", d, "--max-steps", "1", "--inject-nan-at", "1"])
+        rows = _metrics(d)
+        assert rows[0]["skipped"] is True
+        p = _params(os.path.join(d, "final"))
+        m0 = dict(build_tiny()[0].named_parameters())
+        assert all(torch.equal(m0[k].detach(), p[k]) for k in p)     # no NaN, no weight decay step
+
+
+def test_train_torchrun_two_ranks():
+    """torchrun, 2 CPU ranks (gloo), 8 steps; rank 1 gets no images (DESIGN §7 trap); parameters
+    end identical on both ranks, and final/ reloads and samples."""
+    import model
+    with tempfile.TemporaryDirectory() as d:
+        _run(SMALL + ["--out", d, "--max-steps", "8", "--text-only-rank", "1"], nproc=2)
+        with open(os.path.join(d, "ranks.json")) as f:
+            digests = json.load(f)["param_sha256"]
+        assert len(digests) == 2 and digests[0] == digests[1]
+        rows = _metrics(d)
+        assert [r["step"] for r in rows] == list(range(1, 9))
+        assert all(r["samples"] == 4 and r["questions"] == 2 for r in rows)   # both ranks' groups
+        with open(os.path.join(d, "config.json")) as f:
+            assert json.load(f)["world_size"] == 2
+        m, p = model.load(os.path.join(d, "final"))
+        ro = model.generate(m, p, ["Is A on line 1?"], _images()[:1], num_samples=2, max_new_tokens=5)
+        assert len(ro.texts) == 2 and all(isinstance(t, str) for t in ro.texts)
+
+
+# =============================================================================================
+# eval.py — weighted accuracy, map score, --rescore / --compare, density (§5.1, App. C)
+# =============================================================================================
+
+# A hand-made city: Line 1 A-B-C-D, Line 2 C-E-F (C is the transfer).
+METRO = {"Line 1": ["A", "B", "C", "D"], "Line 2": ["C", "E", "F"]}
+ROUTE_AF = [{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "C", "via_stops": ["B"]},
+            {"route_name": "Line 2", "departure_stop": "C", "arrival_stop": "F", "via_stops": ["E"]}]
+ROUTE_AD = [{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "D",
+             "via_stops": ["B", "C"]}]
+
+
+def _rec(id_, type_, difficulty, answer=None, **kw):
+    rec = {"id": id_, "type": type_, "question": f"question {id_}", "answer": answer,
+           "options": None, "figure": "maps/toy.png", "country": "toy", "city": "toy",
+           "difficulty_city": difficulty, "station_1": None, "station_2": None, "line": None,
+           "metro": METRO, "question_transfer_count": None, "routes": None, "template": None}
+    rec.update(kw)
+    return rec
+
+
+def _eval_plan(id_, difficulty, template, s2="F"):
+    routes, q = ([ROUTE_AF], 1) if s2 == "F" else ([ROUTE_AD], 0)
+    return _rec(id_, "planning", difficulty, station_1="A", station_2=s2,
+                question_transfer_count=q, routes=routes, template=template)
+
+
+def _eval_route(*segments):
+    return "\n--\n".join(f"Route Name: {n}\nDeparture Stop: {d}\nArrival Stop: {a}"
+                         for n, d, a in segments) + "\n"
+
+
+GOOD_AF = _eval_route(("Line 1", "A", "C"), ("Line 2", "C", "F"))
+BAD_AF = _eval_route(("Line 1", "A", "C"), ("Line 3", "C", "F"))   # Line 3 does not exist
+
+# (record, response, correct?) — ReasonMap-Plus weights easy 1.0 / middle 1.5 / hard 2.0.
+PLUS_CASES = [
+    (_rec("t1", "TorF1", "easy", "yes", station_1="A", station_2="B"), "\\boxed{yes}", True),
+    (_rec("t2", "TorF2", "hard", "no", station_1="A", line="Line 2"), "\\boxed{yes}", False),
+    (_rec("t3", "TorF1", "middle", "no", station_1="A", station_2="F"), "so \\boxed{no}", True),
+    (_rec("c1", "Counting1", "hard", "B", station_1="A", station_2="D", line="Line 1",
+          options=[1, 2, 3, 4]), "\\boxed{B}", True),
+    (_rec("c2", "Counting2", "hard", 2, station_1="C"), "\\boxed{3}", False),
+    (_rec("c3", "Counting3", "easy", 2), "I count \\boxed{2}", True),
+]
+# Short template planning, ReasonMap weight 1 + 0.5q + 0.5m.
+SHORT_CASES = [
+    (_eval_plan("p1", "easy", "short"), GOOD_AF, True),      # w = 1 + 0.5 + 0   = 1.5
+    (_eval_plan("p2", "hard", "short"), BAD_AF, False),      # w = 1 + 0.5 + 1   = 2.5
+    (_eval_plan("p3", "middle", "short", s2="D"), "no idea", False),  # w = 1 + 0 + 0.5 = 1.5
+]
+
+# Long templates (data.py / reward.py: long1 asks "Number of Via Stops: N", long2 "Via Stops: ...").
+LONG_CASES = [
+    (_eval_plan("l1", "easy", "long2"),                       # w = 1.5, correct
+     "Route Name: Line 1\nDeparture Stop: A\nArrival Stop: C\nVia Stops: B\n--\n"
+     "Route Name: Line 2\nDeparture Stop: C\nArrival Stop: F\nVia Stops: E\n", True),
+    (_eval_plan("l2", "hard", "long1"),                       # w = 2.5, correct, second count wrong
+     "Route Name: Line 1\nDeparture Stop: A\nArrival Stop: C\nNumber of Via Stops: 1\n--\n"
+     "Route Name: Line 2\nDeparture Stop: C\nArrival Stop: F\nNumber of Via Stops: 3\n", True),
+    (_eval_plan("l3", "middle", "long2", s2="D"),              # w = 1.5, wrong line
+     "Route Name: Line 2\nDeparture Stop: A\nArrival Stop: D\nVia Stops: B, C\n", False),
+]
+
+
+def _write(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _eval_run(argv):
+    import eval as ev
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = ev.main(argv)
+    assert rc == 0, rc
+    return buf.getvalue()
+
+
+def _rescore(cases, tmp):
+    ans, out = os.path.join(tmp, "crafted.jsonl"), os.path.join(tmp, "report.json")
+    _write(ans, [{"id": r["id"], "response": resp, "record": r} for r, resp, _ in cases])
+    text = _eval_run(["--rescore", ans, "--out", out])
+    with open(out) as f:
+        return json.load(f), text
+
+
+def test_eval_rescore_plus_weighted_accuracy():
+    with tempfile.TemporaryDirectory() as tmp:
+        rep, text = _rescore(PLUS_CASES, tmp)
+    # per-case correctness first, so a failure below points at the aggregation, not the parser
+    # TorF: correct t1 (1.0) + t3 (1.5) of 1.0 + 2.0 + 1.5
+    assert abs(rep["weighted_accuracy"]["plus_torf"] - 2.5 / 4.5) < 1e-9
+    # Count: correct c1 (2.0) + c3 (1.0) of 2.0 + 2.0 + 1.0
+    assert abs(rep["weighted_accuracy"]["plus_count"] - 3.0 / 5.0) < 1e-9
+    assert abs(rep["weighted_accuracy"]["plus"] - 5.5 / 9.5) < 1e-9
+    assert rep["accuracy"] == {"TorF1": 1.0, "TorF2": 0.0, "Counting1": 1.0, "Counting2": 0.0,
+                               "Counting3": 1.0}
+    assert rep["count"]["TorF1"] == 2 and rep["n"] == 6
+    assert rep["weighted_accuracy"]["short"] is None and rep["map_score"]["short"] is None
+    assert rep["by_difficulty"]["hard"]["n_plus"] == 3
+    assert abs(rep["by_difficulty"]["hard"]["plus_accuracy"] - 1 / 3) < 1e-9
+    assert "crafted.jsonl | – | – | – | – | 60.00 | 55.56 | 57.89 |" in text  # Table 1 row
+
+
+def test_eval_rescore_short_template_accuracy_and_map_score():
+    with tempfile.TemporaryDirectory() as tmp:
+        rep, _ = _rescore(SHORT_CASES, tmp)
+    import reward
+    # RM Alg. 2, short: +1 both endpoints; per aligned segment +2 name, +1 dep, +1 arr; cap 10;
+    # +10 when correct. p1: 1 + 4 + 4 = 9, +10 = 19. p2: 1 + 4 + (0 + 1 + 1) = 7. p3: nothing = 0.
+    assert [reward.map_score(resp, r) for r, resp, _ in SHORT_CASES] == [19, 7, 0]
+    assert [reward.compute_reward(resp, r)["correctness"] > 0 for r, resp, _ in SHORT_CASES] == \
+        [ok for _, _, ok in SHORT_CASES]
+    assert abs(rep["weighted_accuracy"]["short"] - 1.5 / 5.5) < 1e-9
+    assert abs(rep["map_score"]["short"] - (1.5 * 19 + 2.5 * 7 + 1.5 * 0) / 5.5) < 1e-9
+    assert rep["map_score"]["short_max"] == 20
+    assert rep["weighted_accuracy"]["long"] is None and rep["weighted_accuracy"]["plus"] is None
+    assert rep["accuracy"] == {"planning": 1 / 3}
+    bt = rep["by_transfers"]
+    assert set(bt) == {"0", "1"} and bt["1"]["n"] == 2 and bt["0"]["n"] == 1
+    assert abs(bt["1"]["weighted_accuracy_short"] - 1.5 / 4.0) < 1e-9
+    assert bt["0"]["map_score_short"] == 0.0
+    assert rep["by_difficulty"]["easy"]["accuracy_short"] == 1.0
+
+
+def test_eval_rescore_long_template_accuracy_and_map_score():
+    with tempfile.TemporaryDirectory() as tmp:
+        rep, _ = _rescore(LONG_CASES, tmp)
+    import reward
+    # RM Alg. 2, long (cap 20, +20 when correct), worked by hand:
+    # l1: 1 + 4 + 4 = 9; via stops: hits 2, IoU {B,E}/{B,E} = 1 -> (10·1 + 2)/2 = 6; 15 + 20 = 35.
+    # l2: 9; counts: 1 vs 1 -> 4, 3 vs 1 -> max(0, 4 - 4·2/1) = 0; 13 + 20 = 33.
+    # l3: 1 + (0 + 1 + 1) = 3; hits 2, IoU 0 (line wrong) -> (0 + 2)/2 = 1; 4, not correct.
+    assert [reward.map_score(resp, r) for r, resp, _ in LONG_CASES] == [35, 33, 4]
+    assert [reward.compute_reward(resp, r)["correctness"] > 0 for r, resp, _ in LONG_CASES] == \
+        [ok for _, _, ok in LONG_CASES]
+    assert abs(rep["weighted_accuracy"]["long"] - 4.0 / 5.5) < 1e-9
+    assert abs(rep["map_score"]["long"] - (1.5 * 35 + 2.5 * 33 + 1.5 * 4) / 5.5) < 1e-9
+    assert rep["map_score"]["long_max"] == 40 and rep["weighted_accuracy"]["short"] is None
+    assert rep["by_difficulty"]["hard"]["map_score_long"] == 33
+
+
+def test_eval_report_has_every_metric():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        rep, text = _rescore(PLUS_CASES + SHORT_CASES + LONG_CASES, tmp)
+        answers = os.path.join(tmp, "report.answers.jsonl")
+        with open(answers) as f:
+            lines = [json.loads(x) for x in f]
+        # the saved answers re-score to the same report without the crafted file
+        rep2, _ = _rescore_file(answers, tmp)
+    for key in ("n", "count", "accuracy", "format", "reward", "truncated_frac", "weighted_accuracy",
+                "map_score", "by_difficulty", "by_transfers"):
+        assert key in rep, key
+    assert set(rep["weighted_accuracy"]) == {"plus", "plus_count", "plus_torf", "short", "long"}
+    assert set(rep["accuracy"]) == set(ev.TYPES)
+    assert set(rep["by_difficulty"]) == {"easy", "middle", "hard"}
+    assert len(lines) == 12 and {"id", "type", "response", "parsed", "reward", "correct",
+                                "map_score", "record"} <= set(lines[0])
+    assert set(lines[0]["reward"]) == {"format", "correctness", "detail", "weight", "total"}
+    assert [x["id"] for x in lines] == [r["id"] for r, _, _ in PLUS_CASES + SHORT_CASES + LONG_CASES]
+    assert rep["weighted_accuracy"]["long"] is not None and rep["map_score"]["short"] is not None
+    for k in ("weighted_accuracy", "map_score", "accuracy", "by_difficulty", "by_transfers"):
+        assert rep2[k] == rep[k], k
+
+
+def _rescore_file(path, tmp):
+    out = os.path.join(tmp, "again.json")
+    _eval_run(["--rescore", path, "--out", out])
+    with open(out) as f:
+        return json.load(f), out
+
+
+def test_eval_rescore_takes_records_from_data_and_names_bad_lines():
+    import eval as ev
+    with tempfile.TemporaryDirectory() as tmp:
+        ans = os.path.join(tmp, "a.jsonl")
+        _write(ans, [{"id": "t1", "response": "\\boxed{yes}"}])
+        try:
+            ev.rescore(ans)
+        except ValueError as e:
+            assert "a.jsonl:1" in str(e) and "--data" in str(e), e
+        else:
+            raise AssertionError("a line without its record must be refused")
+        _write(ans, [{"id": "t1"}])
+        try:
+            ev.rescore(ans)
+        except ValueError as e:
+            assert "response" in str(e), e
+        else:
+            raise AssertionError("a line without a response must be refused")
+        rec = PLUS_CASES[0][0]
+        _write(ans, [{"id": "t1", "response": "x", "record": rec},
+                     {"id": "t1", "responses": ["x", "y"], "record": rec}])
+        try:
+            ev.rescore(ans)
+        except ValueError as e:
+            assert "mixes" in str(e), e
+        else:
+            raise AssertionError("answer and --density lines in one file must be refused")
+
+
+def test_eval_compare_prints_deltas():
+    with tempfile.TemporaryDirectory() as tmp:
+        a, _ = _rescore(PLUS_CASES, tmp)
+        better = [(r, f"\\boxed{{{r['answer']}}}", True) for r, _, _ in PLUS_CASES]
+        b, _ = _rescore(better, tmp)
+        pa, pb = os.path.join(tmp, "a.json"), os.path.join(tmp, "b.json")
+        for p, rep in ((pa, a), (pb, b)):
+            with open(p, "w") as f:
+                json.dump(rep, f)
+        text = _eval_run(["--compare", pa, pb])
+    assert "| Plus TorF | 55.56 | 100.00 | +44.44 |" in text, text
+    assert "| Plus All | 57.89 | 100.00 | +42.11 |" in text, text
+    assert "| Acc. TorF2 | 0.00 | 100.00 | +100.00 |" in text, text
+    assert "| RM Acc. S | – | – | – |" in text, text
+
+
+def test_eval_density_metrics_by_hand():
+    # Two planning groups of K = 4 on A->F (1 transfer, easy: W = 1.0 + 0.5) and one TorF group.
+    # Alg. 1 detail: GOOD_AF 2+4+1 = 7, BAD_AF 2+4+1 = 7, "A->B on Line 1" 2+4 = 6,
+    # "C->F on Line 2" 2+4 = 6, no sections 0.
+    one = _eval_route(("Line 1", "A", "B"))
+    two = _eval_route(("Line 2", "C", "F"))
+    rows = [{"id": "d1", "responses": [GOOD_AF, BAD_AF, "no idea", one], "record": _eval_plan("d1", "easy", "short")},
+            {"id": "d2", "responses": [BAD_AF, one, two, BAD_AF], "record": _eval_plan("d2", "easy", "short")},
+            {"id": "t1", "responses": ["\\boxed{yes}"] * 4, "record": PLUS_CASES[0][0]}]
+    with tempfile.TemporaryDirectory() as tmp:
+        ans, out = os.path.join(tmp, "d.jsonl"), os.path.join(tmp, "density.json")
+        _write(ans, rows)
+        text = _eval_run(["--rescore", ans, "--out", out])
+        with open(out) as f:
+            rep = json.load(f)
+    assert rep["k"] == 4
+    plan = rep["density"]["planning"]
+    # correctness alone: d1 [10, 0, 0, 0] (mean 2.5, mean |adv| 15/4), d2 all 0: no signal
+    assert plan["correctness"]["zero_std_frac"] == 0.5
+    assert abs(plan["correctness"]["mean_abs_adv"] - (3.75 + 0) / 2) < 1e-9
+    # F+C: d1 [11, 1, 0, 1] (mean 3.25, mean |adv| 15.5/4), d2 [1, 1, 1, 1]: no signal
+    assert plan["format+correctness"]["zero_std_frac"] == 0.5
+    assert abs(plan["format+correctness"]["mean_abs_adv"] - (3.875 + 0) / 2) < 1e-9
+    # +detail (alpha 0.5): d1 [14.5, 4.5, 0, 4] (17.5/4), d2 [4.5, 4, 4, 4.5] (0.25): both alive
+    assert plan["+detail"]["zero_std_frac"] == 0.0
+    assert abs(plan["+detail"]["mean_abs_adv"] - (4.375 + 0.25) / 2) < 1e-9
+    # +weight: every reward x1.5, so |adv| x1.5 with the centred advantage (§4.1)
+    assert plan["+detail+weight"]["zero_std_frac"] == 0.0
+    assert abs(plan["+detail+weight"]["mean_abs_adv"] - 1.5 * (4.375 + 0.25) / 2) < 1e-9
+    assert rep["density"]["TorF1"]["+detail"]["zero_std_frac"] == 1.0
+    assert abs(rep["density"]["all"]["format+correctness"]["zero_std_frac"] - 2 / 3) < 1e-9
+    assert "| planning | 2 | 0.500 | 0.500 | 0.000 | 0.000 |" in text, text
+
+
+def test_eval_group_stats_match_grpo():
+    import eval as ev
+    try:
+        import grpo
+    except ImportError as e:
+        skip(f"grpo.py not importable: {e}")
+    rewards = [11.0, 1.0, 0.0, 1.0, 4.5, 4.0, 4.0, 4.5, 2.0, 2.0, 2.0, 2.0]
+    adv = grpo.group_advantages(rewards, 4).abs().view(3, 4).mean(dim=1).tolist()
+    for g in range(3):
+        zero, mean_abs = ev.group_stats(rewards[4 * g:4 * g + 4], 4)
+        assert abs(mean_abs - adv[g]) < 1e-6 and zero == (g == 2)
+
+
+def _synth_trained(tmp):
+    """Synthetic splits and the final/ checkpoint of a one-step train.py run on the train split."""
+    import data
+    import train
+    tr, test = data.synth(os.path.join(tmp, "d"), cities=2, seed=0, per_type=2)
+    run = os.path.join(tmp, "run")
+    with contextlib.redirect_stdout(io.StringIO()):
+        train.main(["--model", "tiny", "--data", tr, "--out", run, "--max-steps", "1",
+                    "--group-size", "2", "--batch-size", "1", "--max-new-tokens", "4", "--kl", "0"])
+    return test, os.path.join(run, "final")
+
+
+def test_eval_tiny_checkpoint_end_to_end():
+    import data
+    import reward
+    with tempfile.TemporaryDirectory() as tmp:
+        test, ckpt = _synth_trained(tmp)
+        records = data.load_records(test)
+        out = os.path.join(tmp, "r.json")
+        text = _eval_run(["--model", ckpt, "--data", test, "--out", out, "--limit", "7",
+                     "--max-new-tokens", "8", "--batch-size", "3"])
+        with open(out) as f:
+            rep = json.load(f)
+        with open(os.path.join(tmp, "r.answers.jsonl")) as f:
+            lines = [json.loads(x) for x in f]
+        rep2, _ = _rescore_file(os.path.join(tmp, "r.answers.jsonl"), tmp)
+    assert rep["n"] == 7 and rep["max_new_tokens"] == 8 and rep["model"] == ckpt
+    assert [x["id"] for x in lines] == [r["id"] for r in records[:7]]   # file order kept
+    for x, rec in zip(lines, records):
+        assert isinstance(x["response"], str) and x["record"] == rec
+        assert x["reward"] == reward.compute_reward(x["response"], rec)
+    assert sum(rep["count"].values()) == 7
+    assert set(rep["count"]) == {r["type"] for r in records[:7]}
+    for k in ("accuracy", "weighted_accuracy", "map_score", "by_difficulty", "by_transfers"):
+        assert rep2[k] == rep[k], k
+    assert "| Model | RM Acc. S |" in text and "| " + ckpt + " |" in text
+
+
+def test_eval_density_tiny_model_planning_detail_breaks_ties():
+    # The sparse-reward argument (§4.2) measured on the random tiny model. With 160 new tokens
+    # nearly every sample holds a parseable section (format 1) and none is correct, so whole
+    # groups tie under format+correctness; Alg. 1's detail term (endpoint credit, and the -5 for
+    # sections beyond the fewest transfers) still tells them apart. Seeded: deterministic here.
+    import data
+    import reward
+    with tempfile.TemporaryDirectory() as tmp:
+        _, test = data.synth(os.path.join(tmp, "d"), cities=2, seed=0, per_type=6)
+        plan = os.path.join(tmp, "d", "plan.jsonl")
+        _write(plan, [r for r in data.load_records(test) if r["type"] == "planning"])
+        out = os.path.join(tmp, "density.json")
+        text = _eval_run(["--model", "tiny", "--data", plan, "--out", out, "--density", "4",
+                     "--limit", "4", "--max-new-tokens", "160", "--batch-size", "4"])
+        with open(out) as f:
+            rep = json.load(f)
+        with open(os.path.join(tmp, "density.answers.jsonl")) as f:
+            lines = [json.loads(x) for x in f]
+    d = rep["density"]["planning"]
+    assert rep["k"] == 4 and d["+detail"]["groups"] == len(lines) == 4
+    for x in lines:                                   # re-derive every reward and tie
+        assert len(x["responses"]) == 4
+        for name, kw, part in (("correctness", dict(detail=False), "correctness"),
+                               ("format+correctness", dict(detail=False, difficulty_aware=False), "total"),
+                               ("+detail", dict(detail=True, difficulty_aware=False), "total"),
+                               ("+detail+weight", {}, "total")):
+            assert x["rewards"][name] == [reward.compute_reward(r, x["record"], **kw)[part]
+                                          for r in x["responses"]]
+    ties = {n: sum(len(set(x["rewards"][n])) == 1 for x in lines) / len(lines) for n in d}
+    assert all(abs(ties[n] - d[n]["zero_std_frac"]) < 1e-9 for n in d)
+    # one weight per group: it scales the spread but cannot create or remove a tie
+    assert d["+detail+weight"]["zero_std_frac"] == d["+detail"]["zero_std_frac"]
+    assert d["correctness"]["zero_std_frac"] == 1.0      # a random model never plans a route
+    assert d["format+correctness"]["zero_std_frac"] > 0
+    assert d["+detail"]["zero_std_frac"] < d["format+correctness"]["zero_std_frac"], d
+    assert "| planning |" in text
+
+
+# =============================================================================================
 # The runner: discover test_* functions in this module, run them in file order.
 
 def main(argv):

@@ -50,12 +50,14 @@ import reward
 PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
              weight_decay=1e-2, epochs=1, micro_batch=1)
 # CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
-# random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward).
+# random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward), one
+# pass over 6 cities x 16 questions per type (38 steps). A second pass at this lr collapses: the
+# model answers \boxed{yes} to everything and every counting group ties.
 # Measured on 2 cores: see the README quick start for its wall time and metrics.
 QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
-             weight_decay=0.0, epochs=2, micro_batch=8)
+             weight_decay=0.0, epochs=1, micro_batch=8)
 QUICK_CITIES = 6
-QUICK_PER_TYPE = 8
+QUICK_PER_TYPE = 16
 TYPES = curriculum.TYPES
 
 
