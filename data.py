@@ -847,7 +847,7 @@ def load_records(path):
     missing field, wrong answer shape, bad options/routes, duplicate id, missing or unreadable figure.
     `figure` is resolved relative to the JSONL file's folder."""
     base = os.path.dirname(os.path.abspath(path))
-    records, ids, figure_ok = [], set(), {}
+    records, ids, figure_ok, metros = [], set(), {}, {}
     with open(path, encoding="utf-8") as f:
         for lineno, text in enumerate(f, 1):
             if not text.strip():
@@ -862,6 +862,10 @@ def load_records(path):
             if problem:
                 raise ValueError(f"{path}:{lineno}: {problem}")
             ids.add(r["id"])
+            # Every question of a city repeats its Metro Data: share one dict per city, which saves
+            # memory and lets reward.py's per-metro name cache hit (21k -> 34k answers/s).
+            key = json.dumps(r["metro"], sort_keys=True, ensure_ascii=False)
+            r["metro"] = metros.setdefault(key, r["metro"])
             records.append(r)
     return records
 

@@ -281,6 +281,10 @@ def test_data_synth_questions_rederived_and_balanced():
         m = data.load_metro(os.path.join(d, "stations", "synth000.json"))
         assert m == next(r["metro"] for r in recs if r["city"] == "synth000")
         assert max(len(s) for v in m.values() for s in v) <= 4  # short names for a tiny model
+        # load_records shares one Metro Data dict per city (memory; reward.py's name cache)
+        metros = {r["city"]: r["metro"] for r in recs}
+        assert all(r["metro"] is metros[r["city"]] for r in recs)
+        assert len({id(v) for v in metros.values()}) == len(metros)
 
 
 def test_data_synth_deterministic_bytes():

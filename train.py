@@ -315,9 +315,14 @@ def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, wor
     if world > 1:
         dist.barrier()
     if rank == 0:
+        # Move an older checkpoint of the same name aside first, so a crash at any point leaves
+        # a whole checkpoint on disk (the old one under .name.old, or the new one).
+        old = os.path.join(out_dir, f".{name}.old")
         if os.path.exists(final):
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
     if world > 1:
         dist.barrier()
 
