@@ -62,7 +62,9 @@ runs K times in both generation and the training forward (ours: preprocessing on
 tower once per image in the training forward, K times in generation); TRL also computes token
 entropies and logging metrics inside its step. TRL's clock runs from on_step_begin to on_step_end
 (generation, reward, forward, backward, clip, optimizer, zero_grad); its dataloader fetch and
-logging fall outside (reported separately as trl_between_steps_s).
+logging fall outside (reported as trl.between_steps_s).
+
+Measured numbers, the comparison with TRL and the speed-ups they point to: docs/bench.md.
 """
 import argparse
 import json
