@@ -59,7 +59,8 @@ over the batch (loss_type "dapo" on one process), AdamW lr / weight decay / beta
 grad-norm clip 1.0, fp32, torch threads. Not matched, by design of each side: TRL repeats every
 prompt K times before the processor, so each image is preprocessed K times and the vision tower
 runs K times in both generation and the training forward (ours: preprocessing once, the vision
-tower once per image in the training forward, K times in generation); TRL also computes token
+tower once per image in both: transformers 5 encodes images before it expands the K samples, and
+token_logprobs shares each image's features); TRL also computes token
 entropies and logging metrics inside its step. TRL's clock runs from on_step_begin to on_step_end
 (generation, reward, forward, backward, clip, optimizer, zero_grad); its dataloader fetch and
 logging fall outside (reported as trl.between_steps_s).
@@ -216,18 +217,16 @@ def build_qwen_shaped(name, layers=None, vision_layers=None, seed=0):
     return net, processor
 
 
-def load_policy(args, device):
-    """(model, processor) as train.py.build would get them, + the image budget in pixels."""
-    dtype = torch.bfloat16 if args.bf16 else None
+def load_policy(args, device, dtype=torch.float32):
+    """(model, processor) as train.py.build would get them, + the image budget in pixels.
+    train.py keeps fp32 master weights (--bf16 = autocast) and a bf16 reference under --bf16."""
     max_pixels = args.image_size ** 2 if args.image_size else None
     if args.config:
         net, processor = build_qwen_shaped(args.config, args.layers, args.vision_layers, args.seed)
         # the tiny processor's budget is 112x112; a Qwen-shaped model gets 448x448 unless told
         max_pixels = max_pixels or 448 * 448
         processor.image_processor.size["longest_edge"] = max_pixels
-        if dtype is not None:
-            net.to(dtype)
-        net.to(device)
+        net.to(device=device, dtype=dtype)
     else:
         net, processor = model_mod.load(args.model, device=device, dtype=dtype, max_pixels=max_pixels)
     return net, processor, max_pixels
@@ -271,8 +270,8 @@ def bench_prompts(n, max_pixels, seed=0, types="all"):
 def share_prompt_prefill(net):
     """Make net.generate run each prompt once and copy its KV cache to its K samples.
 
-    model.generate asks HF for num_return_sequences=K, and HF expands the inputs first: every
-    prompt (image tokens included) goes through the vision tower and the prefill K times. Here
+    model.generate asks HF for num_return_sequences=K; transformers 5 encodes each image once, then
+    expands the inputs, so the language model's prefill runs over every prompt K times. Here
     net.generate (the instance attribute model.generate calls) prefills the B prompts minus
     their last token once, repeats the cache and M-RoPE deltas K times, and lets HF sample from
     there with one sequence per row; model.generate's own code does everything else unchanged.
@@ -308,6 +307,13 @@ def share_prompt_prefill(net):
 # ---------------------------------------------------------------------------------------------
 # The timed step (train.py's step, phase by phase).
 
+def autocast(args, device):
+    """As train.py: bf16 compute over fp32 weights under --bf16."""
+    if not args.bf16:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 def _clock(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -320,8 +326,9 @@ def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, devic
     t = {"sample": 0.0, "score": 0.0, "policy_fwd": 0.0, "old_fwd": 0.0, "ref_fwd": 0.0,
          "backward": 0.0, "optimizer": 0.0}
     c0 = _clock(device)
-    rollout = model_mod.generate(policy, processor, [r["question"] for r in records], images,
-                                 num_samples=k, max_new_tokens=args.max_new_tokens)
+    with autocast(args, device):
+        rollout = model_mod.generate(policy, processor, [r["question"] for r in records], images,
+                                     num_samples=k, max_new_tokens=args.max_new_tokens)
     c1 = _clock(device)
     t["sample"] = c1 - c0
     rewards = torch.tensor([reward.compute_reward(text, records[i // k])["total"]
@@ -343,7 +350,7 @@ def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, devic
         sub = model_mod.select(rollout, qs)
         last = j == len(chunks) - 1
         sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        with sync:
+        with sync, autocast(args, device):
             a = _clock(device)
             logp = model_mod.token_logprobs(wrapped, sub)
             b = _clock(device)
@@ -648,7 +655,7 @@ def run_bench(args):
         share_prompt_prefill(policy)
     ref = None
     if args.kl > 0:
-        ref, _, _ = load_policy(args, device)
+        ref, _, _ = load_policy(args, device, torch.bfloat16 if args.bf16 else torch.float32)
         ref.eval().requires_grad_(False)
     wrapped = policy
     if world > 1:
