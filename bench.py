@@ -130,8 +130,6 @@ def parse_args(argv=None):
                    help="also time the old-policy forward a second update per batch would need")
     p.add_argument("--ref-mode", choices=("no_grad", "inference_mode"), default="no_grad",
                    help="context of the reference forward (train.py: no_grad)")
-    p.add_argument("--try-shared-prefill", action="store_true",
-                   help="proposal: prefill each prompt once and share its KV cache with its K samples")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--freeze-vision", action="store_true")
@@ -262,46 +260,6 @@ def bench_prompts(n, max_pixels, seed=0, types="all"):
         if path not in cache:
             cache[path] = data_mod.load_image(path, **kw)
     return picked, [cache[data_mod.figure_path(r, train_path)] for r in picked]
-
-
-# ---------------------------------------------------------------------------------------------
-# A proposal under test (--try-shared-prefill), not what train.py runs today.
-
-def share_prompt_prefill(net):
-    """Make net.generate run each prompt once and copy its KV cache to its K samples.
-
-    model.generate asks HF for num_return_sequences=K; transformers 5 encodes each image once, then
-    expands the inputs, so the language model's prefill runs over every prompt K times. Here
-    net.generate (the instance attribute model.generate calls) prefills the B prompts minus
-    their last token once, repeats the cache and M-RoPE deltas K times, and lets HF sample from
-    there with one sequence per row; model.generate's own code does everything else unchanged.
-    The distribution is the same (teacher-forced log-probs match the sampler's to ~1e-6 on the
-    tiny model); only the random stream differs. For model.py if the numbers hold up.
-    """
-    original = net.generate
-
-    def generate(generation_config=None, **enc):
-        k = generation_config.num_return_sequences or 1
-        if k == 1 or enc.get("image_grid_thw") is None:
-            # text-only batch: the prefill alone would take 1-D positions that ignore left padding
-            # (2.5e-3 log-prob mismatch measured); every RewardMap question has a map anyway
-            return original(generation_config=generation_config, **enc)
-        net.model.rope_deltas = None
-        with torch.no_grad():
-            # keep the last prompt token (an ordinary "\n") uncached: generate needs one to feed
-            out = net(**{key: (v[:, :-1] if key in ("input_ids", "attention_mask", "mm_token_type_ids")
-                               else v) for key, v in enc.items()}, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        cache.batch_repeat_interleave(k)
-        net.model.rope_deltas = net.model.rope_deltas.repeat_interleave(k, dim=0)
-        gen = generation_config.__class__.from_dict(generation_config.to_dict())
-        gen.num_return_sequences = 1
-        rep = {key: enc[key].repeat_interleave(k, dim=0)
-               for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
-        return original(**rep, cache=cache, generation_config=gen)
-
-    net.generate = generate
-    return net
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,8 +492,6 @@ def vs_trl(args):
     records, images = bench_prompts(n_q, max_pixels, args.seed, args.types)
     suppress = model_mod._special_ids(processor, model_mod.VISION_TOKENS)
     ours.train()
-    if args.try_shared_prefill:
-        share_prompt_prefill(ours)
     opt = torch.optim.AdamW(ours.parameters(), lr=args.lr, weight_decay=args.weight_decay,
                             betas=(0.9, 0.999))
 
@@ -630,8 +586,7 @@ def vs_trl(args):
         "matched": {"same_prompt_tokens": same_prompt, "group_size": k, "questions": n_q,
                     "max_new_tokens": T, "beta": 0.0, "num_iterations": 1, "lr": args.lr,
                     "weight_decay": args.weight_decay, "grad_clip": 1.0, "advantages": "centred",
-                    "loss": "token-mean", "torch_threads": torch.get_num_threads(),
-                    "ours_try_shared_prefill": args.try_shared_prefill},
+                    "loss": "token-mean", "torch_threads": torch.get_num_threads()},
         "versions": {"trl": trl.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
         "steps": args.steps, "warmup": args.warmup,
@@ -651,8 +606,6 @@ def run_bench(args):
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         policy.config.use_cache = False
     policy.train()
-    if args.try_shared_prefill:
-        share_prompt_prefill(policy)
     ref = None
     if args.kl > 0:
         ref, _, _ = load_policy(args, device, torch.bfloat16 if args.bf16 else torch.float32)
@@ -688,7 +641,6 @@ def run_bench(args):
         "batch_size_per_rank": args.batch_size, "micro_batch": args.micro_batch,
         "max_new_tokens": args.max_new_tokens, "max_pixels": max_pixels, "kl": args.kl,
         "ref_mode": args.ref_mode, "old_logp": args.old_logp, "bf16": args.bf16,
-        "try_shared_prefill": args.try_shared_prefill,
         "grad_checkpointing": args.grad_checkpointing, "steps": args.steps, "warmup": args.warmup,
         "prompt_types": [r["type"] for r in records], "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

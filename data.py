@@ -30,12 +30,11 @@ import json
 import math
 import os
 import random
-import sys
 import warnings
 
 from PIL import Image, ImageDraw, ImageFont
 
-from reward import normalize_line, normalize_stop
+from reward import normalize_stop
 
 TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning")
 DIFFICULTIES = ("easy", "middle", "hard")

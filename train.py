@@ -450,7 +450,6 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
 
 def teacher_rollout(processor, questions, images, targets):
     """A Rollout whose completions are the gold answers (SFT), built with model.py's own encoding."""
-    import torch.nn.functional as F
     enc, has_image = model_mod.encode(processor, questions, images)
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids(model_mod.END_TOKENS[0])
