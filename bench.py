@@ -166,23 +166,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Setup: devices, models, prompts.
 
-def setup_dist(threads=None):
-    """(rank, world, device), as train.py.setup_dist (ranks on one CPU host share its cores)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    else:
-        device = "cpu"
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, device
-
-
 def build_qwen_shaped(name, layers=None, vision_layers=None, seed=0):
     """(model, processor): Qwen2.5-VL-{3B,7B} architecture, random weights, optionally fewer layers."""
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
@@ -482,7 +465,7 @@ def vs_trl(args):
     import trl
     if args.kl > 0:
         raise SystemExit("--vs-trl compares with beta = 0 (no reference model): drop --kl")
-    _, world, device = setup_dist(args.threads)
+    _, world, device = model_mod.init_distributed(args.threads)
     if world > 1:
         raise SystemExit("--vs-trl runs in one process (no torchrun)")
     k, n_q, T = args.group_size, args.batch_size, args.max_new_tokens
@@ -597,7 +580,7 @@ def vs_trl(args):
 # Main benchmark.
 
 def run_bench(args):
-    rank, world, device = setup_dist(args.threads)
+    rank, world, device = model_mod.init_distributed(args.threads)
     policy, processor, max_pixels = load_policy(args, device)
     if args.freeze_vision:
         for p in policy.model.visual.parameters():

@@ -397,20 +397,6 @@ def shard(records, rank, world):
     return [(i, records[i]) for i in order[lo:hi]]
 
 
-def _dist_setup():
-    import torch
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    if world > 1 and not dist.is_initialized():
-        if device != "cpu":
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if device != "cpu" else "gloo")
-    return rank, world, device
-
-
 def run_model(args):
     """Generate on this rank's shard; rank 0 returns (report, rows), other ranks (None, None)."""
     import torch
@@ -420,7 +406,7 @@ def run_model(args):
     import data as data_mod
     import model as model_mod
 
-    rank, world, device = _dist_setup()
+    rank, world, device = model_mod.init_distributed()
     torch.manual_seed(args.seed + rank)
     records = data_mod.load_records(args.data)
     if args.limit:
@@ -458,7 +444,7 @@ def run_model(args):
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
-        dist.destroy_process_group()
+        model_mod.close_distributed()
     if rank != 0:
         return None, None
     rows = [row for _, row in sorted(rows, key=lambda p: p[0])]

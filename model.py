@@ -162,6 +162,41 @@ def build_tiny(seed=0):
 
 
 # ---------------------------------------------------------------------------------------------
+# Processes and devices.
+
+def init_distributed(threads=None):
+    """(rank, world_size, device) for this process; torchrun sets the environment, plain python
+    runs one process. GPU: cuda:LOCAL_RANK and nccl. CPU: gloo, and the ranks on one host share
+    its cores (threads overrides the per-rank thread count)."""
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    else:
+        device = "cpu"
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, device
+
+
+def close_distributed():
+    """Tear the process group down, after a barrier. Without it an exit could deadlock (seen here
+    on torch 2.13 CPU, gloo, about one run in three): gloo's worker thread frees the last
+    collective's Python tensors, which needs the GIL, while the DDP reducer's and process group's
+    destructors hold the GIL and join that thread. The barrier runs after the earlier collective
+    in the worker's queue, so that tensor is gone once it returns. Drop DDP wrappers first."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading and saving.
 
 def load(name_or_path, *, device="cpu", dtype=None, max_pixels=None, attn_implementation=None):

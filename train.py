@@ -123,24 +123,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # Distributed setup.
 
-def setup_dist():
-    """(rank, world, local_rank, device). torchrun sets the env; plain python runs one process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    else:
-        device = "cpu"
-        # ranks on one CPU host share its cores
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return rank, world, local, device
-
-
 def all_gather(obj, world):
     if world == 1:
         return [obj]
@@ -510,7 +492,7 @@ def log_row(out_dir, row):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, local, device = setup_dist()
+    rank, world, device = model_mod.init_distributed()
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} is not a multiple of {world} ranks")
     os.makedirs(args.out, exist_ok=True)
@@ -616,8 +598,8 @@ def main(argv=None):
                 warnings.warn(f"parameters differ across ranks: {digests}")
     if rank == 0:
         print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
-    if world > 1:
-        dist.destroy_process_group()
+    del wrapped                      # DDP's reducer goes before the process group
+    model_mod.close_distributed()
 
 
 if __name__ == "__main__":
