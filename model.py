@@ -167,7 +167,7 @@ def build_tiny(seed=0):
 def init_distributed(threads=None):
     """(rank, world_size, device) for this process; torchrun sets the environment, plain python
     runs one process. GPU: cuda:LOCAL_RANK and nccl. CPU: gloo, and the ranks on one host share
-    its cores (threads overrides the per-rank thread count)."""
+    its cores; `threads`, else OMP_NUM_THREADS, overrides the per-rank thread count."""
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -178,6 +178,7 @@ def init_distributed(threads=None):
     else:
         device = "cpu"
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
