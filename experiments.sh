@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # RewardMap's ablations at laptop scale (issue 7): the tiny random Qwen2.5-VL on synthetic maps.
 #
-#     bash experiments.sh runs/exp            # data, 9 configs x 3 seeds, evals, table, plot (~35 min, 2 cores)
-#     SEEDS="0 1" JOBS=2 bash experiments.sh runs/exp      # fewer seeds / other parallelism
+#     bash experiments.sh runs/exp            # data, 9 configs x 5 seeds, evals, table, plot (~45 min, 2 cores)
+#     SEEDS="0 1 2" JOBS=2 bash experiments.sh runs/exp      # fewer seeds / other parallelism
 #     python plot_experiments.py runs/exp --md docs/experiments_table.md --png docs/experiments.png
 #
 # Groups (paper: reward §4.2 + Table 5, curriculum §4.3 + Table 4, α Table 6, advantage §4.1):
@@ -18,10 +18,11 @@
 # Resumable: a run with final/ and eval.json is skipped, so re-running the script finishes a sweep.
 set -euo pipefail
 OUT=${1:?usage: bash experiments.sh OUT_DIR}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-"0 1 2 3 4"}
 JOBS=${JOBS:-2}
 cd "$(dirname "$0")"
 mkdir -p "$OUT"
+git describe --always --dirty > "$OUT/commit.txt" 2>/dev/null || true   # the code the numbers came from
 
 # Quick-start settings (train.py QUICK, with 1 epoch of 16 questions/type/city = 38 steps).
 TRAIN="--model tiny --lr 3e-3 --kl 0 --group-size 8 --batch-size 8 --micro-batch 8 \

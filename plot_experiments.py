@@ -58,8 +58,10 @@ def mean_of(rows, key):
 def summarise(run):
     """One run's numbers. Train numbers are means over steps (every step has 8 questions x K)."""
     rows, ev = run["rows"], run["eval"]
-    planning_steps = [r for r in rows if r["stage"].endswith("planning")]   # a planning-only stage
-    torf_steps = [r for r in rows if "TorF" in r["stage"] and "Counting" not in r["stage"]]
+    # stage labels are "N:Type+Type"; per-type zero-std exists only where a stage holds those types alone
+    types_of = lambda r: set(r["stage"].split(":", 1)[-1].split("+"))
+    planning_steps = [r for r in rows if types_of(r) == {"planning"}]
+    torf_steps = [r for r in rows if types_of(r) <= {"TorF1", "TorF2"}]
     s = {
         "train_reward": mean_of(rows, "reward"),
         "train_acc": mean_of(rows, "accuracy"),
