@@ -45,9 +45,9 @@ CONFIGS=(
 )
 
 # On 2 shared cores two single-threaded runs side by side beat one two-threaded run by ~3x
-# (measured: 3 s/step each vs 11 s/step under load). train.py sets torch threads to
-# cpu_count // LOCAL_WORLD_SIZE and ignores OMP_NUM_THREADS, so LOCAL_WORLD_SIZE pins one thread
-# (a plain python run: WORLD_SIZE is unset, nothing distributed starts).
+# (measured: 3 s/step each vs 11 s/step under load). model.init_distributed takes the thread
+# count from OMP_NUM_THREADS (since a8d446d), before that from cpu_count // LOCAL_WORLD_SIZE; both
+# are set so either pins one thread (a plain python run: WORLD_SIZE unset, nothing distributed).
 THREADS_ENV="OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LOCAL_WORLD_SIZE=$(nproc)"
 [ "$JOBS" -gt 1 ] || THREADS_ENV=""
 
