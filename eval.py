@@ -419,7 +419,8 @@ def run_model(args):
     k = args.density or 1
     mine = shard(records, rank, world)
     rows, image, image_path = [], None, None
-    bar = tqdm(total=len(mine), disable=rank != 0, desc=f"eval x{world} ranks", unit="q")
+    # rank 0 only, and only on a terminal (disable=None): a redirected log gets no bar lines
+    bar = tqdm(total=len(mine), disable=True if rank else None, desc=f"eval x{world} ranks", unit="q")
     for start in range(0, len(mine), args.batch_size):
         batch = mine[start:start + args.batch_size]
         images = []

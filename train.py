@@ -536,8 +536,10 @@ def main(argv=None):
             os.remove(os.path.join(args.out, "metrics.jsonl"))
 
     from tqdm import tqdm
-    bar = tqdm(range(start_step, total), initial=start_step, total=total, disable=rank != 0,
-               desc=f"{args.algo} x{world}", unit="step", dynamic_ncols=True)
+    # rank 0 only, and only on a terminal (disable=None): a redirected log gets no bar lines
+    bar = tqdm(range(start_step, total), initial=start_step, total=total,
+               disable=True if rank else None, desc=f"{args.algo} x{world}", unit="step",
+               dynamic_ncols=True)
     k = args.group_size if args.algo == "grpo" else 1
     for step in bar:
         stage, batch = plan[step]
