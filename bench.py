@@ -582,13 +582,8 @@ def vs_trl(args):
 def run_bench(args):
     rank, world, device = model_mod.init_distributed(args.threads)
     policy, processor, max_pixels = load_policy(args, device)
-    if args.freeze_vision:
-        for p in policy.model.visual.parameters():
-            p.requires_grad_(False)
-    if args.grad_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
-    policy.train()
+    model_mod.prepare_for_training(policy, freeze_vision=args.freeze_vision,
+                                   grad_checkpointing=args.grad_checkpointing)
     ref = None
     if args.kl > 0:
         ref, _, _ = load_policy(args, device, torch.bfloat16 if args.bf16 else torch.float32)

@@ -226,6 +226,19 @@ def load(name_or_path, *, device="cpu", dtype=None, max_pixels=None, attn_implem
     return model.to(device), processor
 
 
+def prepare_for_training(model, *, freeze_vision=False, grad_checkpointing=False):
+    """Training mode, optionally with the vision tower frozen and activation checkpointing.
+    Checkpointing is the non-reentrant kind (the reentrant one needs inputs that require grad);
+    the config's KV cache is switched off for training forwards, while generate() asks for it."""
+    if freeze_vision:
+        for p in model.model.visual.parameters():
+            p.requires_grad_(False)
+    if grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model.train()
+
+
 def save(model, processor, out_dir):
     """save_pretrained of model (safetensors) and processor; reload with load(out_dir)."""
     model = getattr(model, "module", model)          # unwrap DDP

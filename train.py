@@ -201,13 +201,8 @@ def build(args, device, world, init_from):
     # --bf16 computes in bf16 (autocast under DDP, MixedPrecisionPolicy under FSDP2).
     policy, processor = model_mod.load(init_from, device=device, dtype=torch.float32,
                                        max_pixels=args.max_pixels)
-    if args.freeze_vision:
-        for p in policy.model.visual.parameters():
-            p.requires_grad_(False)
-    if args.grad_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
-    policy.train()
+    model_mod.prepare_for_training(policy, freeze_vision=args.freeze_vision,
+                                   grad_checkpointing=args.grad_checkpointing)
     ref = None
     if args.kl > 0 and args.algo == "grpo":   # a reference model only when the KL term is on
         # the reference is the initial model (also on --resume), never updated: bf16 is enough
