@@ -1,5 +1,6 @@
 """Multi-stage curriculum (RewardMap §4.3): which questions train first, and how one epoch is cut
-into global batches and shared among DDP ranks. Standard library only (no torch).
+into global batches and shared among DDP ranks. Standard library only (no torch;
+the type names come from reward.py, which imports none either).
 
 Used by train.py (`torchrun --nproc_per_node=N train.py ... --curriculum MODE`) through
 epoch_batches(); to print the plan a data file gives:
@@ -39,8 +40,7 @@ import json
 import random
 import sys
 
-TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning")
-PLUS_TYPES = TYPES[:5]
+from reward import PLUS_TYPES, TYPES   # the six question types (DESIGN.md §2); no torch there
 
 _REWARDMAP = [["TorF1", "TorF2"], ["Counting2", "Counting3"], ["Counting1"], ["planning"]]
 MODES = {

@@ -34,9 +34,8 @@ import warnings
 
 from PIL import Image, ImageDraw, ImageFont
 
-from reward import normalize_stop
+from reward import TYPES, normalize_stop   # the six question types (DESIGN.md §2)
 
-TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning")
 DIFFICULTIES = ("easy", "middle", "hard")
 TEMPLATES_PLANNING = ("short", "long1", "long2")
 # RM §3: the test cities of the paper; every other city trains.

@@ -39,8 +39,7 @@ import reward
 
 PLUS_COUNT = ("Counting1", "Counting2", "Counting3")
 PLUS_TORF = ("TorF1", "TorF2")
-PLUS_TYPES = PLUS_TORF + PLUS_COUNT
-TYPES = PLUS_TYPES + ("planning",)
+PLUS_TYPES, TYPES = reward.PLUS_TYPES, reward.TYPES
 DIFFICULTIES = ("easy", "middle", "hard")
 TRANSFER_BUCKETS = ("0", "1", ">=2")
 # Qwen2.5-VL's own default (qwen_vl_utils MAX_PIXELS = 16384 * 28 * 28), what ReasonMap's

@@ -58,7 +58,7 @@ QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
              weight_decay=0.0, epochs=1, micro_batch=8)
 QUICK_CITIES = 6
 QUICK_PER_TYPE = 16
-TYPES = curriculum.TYPES
+TYPES = reward.TYPES
 
 
 def parse_args(argv=None):
