@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # RewardMap's ablations at laptop scale (issue 7): the tiny random Qwen2.5-VL on synthetic maps.
 #
-#     bash experiments.sh runs/exp            # data, 9 configs x 5 seeds, evals, table, plot (~45 min, 2 cores)
+#     bash experiments.sh runs/exp            # data, 9 configs x 5 seeds, evals, table, plot (~30 min, 2 idle cores)
 #     SEEDS="0 1 2" JOBS=2 bash experiments.sh runs/exp      # fewer seeds / other parallelism
 #     python plot_experiments.py runs/exp --md docs/experiments_table.md --png docs/experiments.png
 #
-# Groups (paper: reward §4.2 + Table 5, curriculum §4.3 + Table 4, α Table 6, advantage §4.1):
+# Groups (paper: reward §4.2, curriculum §4.3, α Table 6, advantage §4.1):
 #   default   = rewardmap curriculum, α 0.5, detail reward, difficulty weight, centred advantage
 #   fc        = format + correctness only      (--no-detail --no-difficulty)
 #   fc_detail = + detail, no difficulty weight (--no-difficulty)
