@@ -248,13 +248,6 @@ def bench_prompts(n, max_pixels, seed=0, types="all"):
 # ---------------------------------------------------------------------------------------------
 # The timed step (train.py's step, phase by phase).
 
-def autocast(args, device):
-    """As train.py: bf16 compute over fp32 weights under --bf16."""
-    if not args.bf16:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-
-
 def _clock(device):
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -267,7 +260,7 @@ def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, devic
     t = {"sample": 0.0, "score": 0.0, "policy_fwd": 0.0, "old_fwd": 0.0, "ref_fwd": 0.0,
          "backward": 0.0, "optimizer": 0.0}
     c0 = _clock(device)
-    with autocast(args, device):
+    with model_mod.autocast(device, args.bf16):
         rollout = model_mod.generate(policy, processor, [r["question"] for r in records], images,
                                      num_samples=k, max_new_tokens=args.max_new_tokens)
     c1 = _clock(device)
@@ -291,7 +284,7 @@ def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, devic
         sub = model_mod.select(rollout, qs)
         last = j == len(chunks) - 1
         sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        with sync, autocast(args, device):
+        with sync, model_mod.autocast(device, args.bf16):
             a = _clock(device)
             logp = model_mod.token_logprobs(wrapped, sub)
             b = _clock(device)
@@ -315,8 +308,8 @@ def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, devic
             adv_sub = adv[[q * k + s for q in qs for s in range(k)]].to(device)
             loss, _ = grpo.grpo_loss(logp, old_logp, ref_logp, adv_sub, mask, kl_coef=args.kl,
                                      num_tokens=denom)
-            if sub.pixel_values is None and not args.freeze_vision:
-                loss = loss + sum(p.sum() for p in policy.model.visual.parameters()) * 0.0
+            if sub.pixel_values is None:
+                loss = loss + model_mod.vision_touch(policy)
             loss.backward()
             c = _clock(device)
             t["backward"] += c - b
@@ -371,11 +364,6 @@ def summarize(steps, counts):
 # ---------------------------------------------------------------------------------------------
 # Reward throughput (§4.2 on planning answers).
 
-def _render(route):
-    return "\n--\n".join(f"Route Name: {s['route_name']}\nDeparture Stop: {s['departure_stop']}\n"
-                         f"Arrival Stop: {s['arrival_stop']}" for s in route)
-
-
 def planning_answers(n, seed=0):
     """(answers, records, kinds, source): n planning answers, a third each right (the first
     reference route), half-right (right first segment, then a wrong line to a wrong end) and
@@ -417,10 +405,10 @@ def planning_answers(n, seed=0):
         route = r["routes"][0]
         kind = ("right", "half", "wrong")[i % 3]
         if kind == "right":
-            text = _render(route)
+            text = data_mod.format_route(route)
         elif kind == "half":
             other = rng.choice(sorted(r["metro"]))
-            text = _render(route[:1]) + (f"\n--\nRoute Name: {other} Express\nDeparture Stop: "
+            text = data_mod.format_route(route[:1]) + (f"\n--\nRoute Name: {other} Express\nDeparture Stop: "
                                          f"{route[0]['arrival_stop']}\nArrival Stop: Nowhere {i}")
         else:
             text = f"Route Name: Line {900 + i % 7}\nDeparture Stop: Foo {i}\nArrival Stop: Bar {i}"

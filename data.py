@@ -315,6 +315,30 @@ TEMPLATES_PLAN = {
 }
 
 
+def format_route(route, template=None):
+    """A route (list of segments) in the answer format of TEMPLATES_PLAN[template]: sections of
+    Route Name / Departure Stop / Arrival Stop (+ Number of Via Stops for long1, Via Stops for
+    long2), separated by "--" (RM App. A.1)."""
+    parts = []
+    for seg in route:
+        lines = [f"Route Name: {seg['route_name']}", f"Departure Stop: {seg['departure_stop']}",
+                 f"Arrival Stop: {seg['arrival_stop']}"]
+        if template == "long1":
+            lines.append(f"Number of Via Stops: {len(seg['via_stops'])}")
+        elif template == "long2":
+            lines.append("Via Stops: " + (", ".join(seg["via_stops"]) or "None"))
+        parts.append("\n".join(lines))
+    return "\n--\n".join(parts)
+
+
+def gold_answer(record):
+    """The reference answer in the format the question asks for (the SFT target of
+    `train.py --algo sft`): the boxed answer, or the first reference route."""
+    if record["type"] != "planning":
+        return f"\\boxed{{{record['answer']}}}"
+    return format_route(record["routes"][0], record.get("template"))
+
+
 def city_title(city):
     return CITY_NAMES.get(city, city.replace("_", " ").title())
 

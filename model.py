@@ -12,6 +12,7 @@ Nothing here is fetched from the network and nothing uses trust_remote_code. Wor
 torchvision: Qwen2_5_VLProcessor needs a video processor (torchvision), so ImageProcessor below is an
 image-only subclass using Qwen2VLImageProcessorPil (DESIGN.md §7 traps).
 """
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -237,6 +238,21 @@ def prepare_for_training(model, *, freeze_vision=False, grad_checkpointing=False
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model.train()
+
+
+def autocast(device, bf16):
+    """bf16 compute over fp32 master weights (at lr 1e-6 bf16 weights would not move), or nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def vision_touch(model):
+    """0 · Σ vision parameters, to add to the loss of a micro-batch without images: keeps DDP in
+    step (DESIGN.md §7 trap: the unused vision tower would miss the all-reduce, and ranks diverge
+    or hang). 0.0 when the tower is frozen."""
+    params = [p for p in _unwrap(model).model.visual.parameters() if p.requires_grad]
+    return sum(p.sum() for p in params) * 0.0 if params else 0.0
 
 
 def save(model, processor, out_dir):

@@ -1511,17 +1511,17 @@ def test_train_equal_rewards_leave_parameters_unchanged():
 
 
 def test_train_sft_targets_score_full_marks():
-    """--algo sft trains on gold_text(record): it must be a correct answer by reward.py's rules."""
+    """--algo sft trains on data.gold_answer(record): it must be a correct answer by reward.py's
+    rules."""
     import data
     import reward
-    import train
     with tempfile.TemporaryDirectory() as d:
         path, _ = data.synth(d, cities=3, seed=1, per_type=2)
         recs = data.load_records(path)
     assert {r["type"] for r in recs} >= {"TorF1", "Counting1", "planning"}
     for r in recs:
-        out = reward.compute_reward(train.gold_text(r), r)
-        assert out["format"] == 1 and out["correctness"] == 10, (r["id"], train.gold_text(r))
+        out = reward.compute_reward(data.gold_answer(r), r)
+        assert out["format"] == 1 and out["correctness"] == 10, (r["id"], data.gold_answer(r))
 
 
 def _run(argv, nproc=1, timeout=300):

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 import curriculum
+import data as data_mod
 import grpo
 import model as model_mod
 import reward
@@ -143,7 +144,6 @@ def all_sum(x, world, device):
 
 def prepare_data(args, rank, world):
     """Records of --data, or of a synthetic set written to OUT/data by rank 0 (quick start)."""
-    import data as data_mod
     path = args.data
     if path is None:
         path = os.path.join(args.out, "data", "train.jsonl")
@@ -160,36 +160,19 @@ class ImageCache:
     """Maps are shared by many questions; read each once (bounded, oldest dropped first)."""
 
     def __init__(self, jsonl_path, max_pixels, size=64):
-        import data as data_mod
-        self.data, self.root, self.max_pixels, self.size = data_mod, jsonl_path, max_pixels, size
+        self.root, self.max_pixels, self.size = jsonl_path, max_pixels, size
         self.items = {}
 
     def __call__(self, record):
         if not record.get("figure"):
             return None
-        path = self.data.figure_path(record, self.root)
+        path = data_mod.figure_path(record, self.root)
         if path not in self.items:
             if len(self.items) >= self.size:
                 self.items.pop(next(iter(self.items)))
             kw = {"max_pixels": self.max_pixels} if self.max_pixels else {}
-            self.items[path] = self.data.load_image(path, **kw)
+            self.items[path] = data_mod.load_image(path, **kw)
         return self.items[path]
-
-
-def gold_text(record):
-    """The SFT target (--algo sft): the answer in the format the question asks for."""
-    if record["type"] != "planning":
-        return f"\\boxed{{{record['answer']}}}"
-    parts = []
-    for seg in record["routes"][0]:                   # first reference route (RM App. A.1 format)
-        lines = [f"Route Name: {seg['route_name']}", f"Departure Stop: {seg['departure_stop']}",
-                 f"Arrival Stop: {seg['arrival_stop']}"]
-        if record.get("template") == "long1":
-            lines.append(f"Number of Via Stops: {len(seg['via_stops'])}")
-        elif record.get("template") == "long2":
-            lines.append("Via Stops: " + (", ".join(seg["via_stops"]) or "None"))
-        parts.append("\n".join(lines))
-    return "\n--\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,14 +324,6 @@ def score(texts, records, k, args):
     return out
 
 
-def vision_touch(policy, args):
-    """0 · Σ vision params: keeps DDP in step when a micro-batch has no image (DESIGN §7 trap:
-    the unused vision tower would otherwise miss the all-reduce and ranks diverge or hang)."""
-    if args.freeze_vision:
-        return 0.0
-    return sum(p.sum() for p in policy.model.visual.parameters()) * 0.0
-
-
 @contextmanager
 def gathered(policy, args):
     """FSDP2 only: hold full parameters for the whole rollout. HF generate encodes images outside
@@ -372,10 +347,8 @@ def gathered(policy, args):
 
 
 def autocast(args, device):
-    """bf16 compute over fp32 weights (DDP / single process); FSDP2 casts by its own policy."""
-    if not args.bf16 or args.fsdp:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    """bf16 autocast for DDP / single process; FSDP2 casts by its own MixedPrecisionPolicy."""
+    return model_mod.autocast(device, args.bf16 and not args.fsdp)
 
 
 def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_now=False):
@@ -412,7 +385,7 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
                 loss, st = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask,
                                           clip_eps=args.clip_eps, kl_coef=args.kl, num_tokens=denom)
             if sub.pixel_values is None:
-                loss = loss + vision_touch(policy, args)
+                loss = loss + model_mod.vision_touch(policy)
             if nan_now:
                 loss = loss * float("nan")
             loss.backward()
@@ -542,7 +515,7 @@ def main(argv=None):
         ims = [None if rank == args.text_only_rank else images(r) for r in batch]
         questions = [r["question"] for r in batch]
         if args.algo == "sft":
-            rollout = teacher_rollout(processor, questions, ims, [gold_text(r) for r in batch])
+            rollout = teacher_rollout(processor, questions, ims, [data_mod.gold_answer(r) for r in batch])
         else:
             if args.fsdp and any(im is None for im in ims):
                 raise RuntimeError("--fsdp needs every question to have an image (a vision tower "
