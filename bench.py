@@ -68,7 +68,11 @@ logging fall outside (reported as trl.between_steps_s).
 Measured numbers, the comparison with TRL and the speed-ups they point to: docs/bench.md.
 """
 import argparse
+import collections
+import functools
+import gc
 import json
+import math
 import os
 import random
 import resource
@@ -76,20 +80,22 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+import weakref
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+from PIL import Image
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.distributed.tensor import DTensor
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import data as data_mod
 import grpo
 import model as model_mod
 import reward
-
-# train.py's defaults (copied, since nothing may import train.py; keep in step with it).
-QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32, weight_decay=0.0,
-             micro_batch=8)
-PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048, weight_decay=1e-2,
-             micro_batch=1)
+import train
 
 # Qwen2.5-VL-3B / 7B-Instruct config.json values (architecture only; weights are random here).
 QWEN_SHAPES = {
@@ -103,121 +109,128 @@ QWEN_SHAPES = {
 QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
+MAPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reasonmap", "maps")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    """bench.py's own options; every other flag is train.py's, parsed by train.parse_args (so a
+    README training command can be timed or planned exactly as written): args.train."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    # what is timed
-    p.add_argument("--model", default="tiny", help="'tiny' or a local Qwen2.5-VL folder")
+    # what is measured (model, shapes and settings: train.py's flags)
     p.add_argument("--config", choices=sorted(QWEN_SHAPES), default=None,
-                   help="random weights in the real 3B/7B architecture (overrides --model)")
+                   help="random weights in the real 3B/7B architecture (instead of --model)")
     p.add_argument("--layers", type=int, default=None, help="with --config: decoder layers kept")
     p.add_argument("--vision-layers", type=int, default=None, help="with --config: vision blocks kept")
-    p.add_argument("--group-size", type=int, default=None, help="K samples per question")
-    p.add_argument("--batch-size", type=int, default=None, help="questions per step, per rank")
-    p.add_argument("--micro-batch", type=int, default=None, help="questions per forward/backward")
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--image-size", type=int, default=None,
-                   help="maps read and processed at most SxS pixels (train.py --max-pixels S*S)")
     p.add_argument("--types", default="all",
                    help="question types in the batch, comma-separated (e.g. planning, or TorF1,TorF2 "
                         "for the first curriculum stage); default all six, round-robin")
-    p.add_argument("--kl", type=float, default=None, help="> 0: a reference model and its forward")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
     p.add_argument("--old-logp", action="store_true",
                    help="also time the old-policy forward a second update per batch would need")
-    p.add_argument("--ref-mode", choices=("no_grad", "inference_mode"), default="no_grad",
-                   help="context of the reference forward (train.py: no_grad)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--grad-checkpointing", action="store_true")
-    p.add_argument("--freeze-vision", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: as train.py)")
     # how long
     p.add_argument("--steps", type=int, default=5, help="timed steps (medians over these)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--reward-answers", type=int, default=3000,
                    help="planning answers for the reward throughput (0: skip)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--json-out", default=None, help="also write the JSON here")
     p.add_argument("--vs-trl", action="store_true", help="ours vs TRL's GRPOTrainer (tiny model)")
-    args = p.parse_args(argv)
-    tiny = args.model == "tiny" and args.config is None
-    for key, value in (QUICK if tiny else PAPER).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key in ("group_size", "batch_size", "max_new_tokens", "micro_batch", "steps"):
+    # memory plan
+    p.add_argument("--plan", action="store_true",
+                   help="memory per GPU of a train.py command, traced with fake tensors (no GPU)")
+    p.add_argument("--gpus", type=int, default=8, help="--plan: GPUs (world size) to plan for")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="--plan: memory per GPU, GB (1e9 B)")
+    p.add_argument("--headroom", type=float, default=0.15,
+                   help="--plan: share of --gpu-mem kept free (allocator, CUDA context, NCCL)")
+    p.add_argument("--maps", default=MAPS,
+                   help="--plan: map images (a folder, searched recursively) when --data is absent")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="--plan: a square map of about N image tokens instead of the largest map")
+    p.add_argument("--no-search", action="store_true",
+                   help="--plan: trace the command only, skip the largest settings that fit")
+    p.add_argument("--json", action="store_true", help="--plan: one JSON object on stdout")
+    args, rest = p.parse_known_args(argv)
+    if args.config and "--model" not in rest:   # the paper's defaults, as for a real checkpoint
+        rest = ["--model", f"Qwen2.5-VL-{args.config.upper()}"] + rest
+    args.train = train.parse_args(rest)
+    args.tiny = args.train.model == "tiny" and args.config is None
+    for key in ("steps", "gpus"):
         if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be >= 1")
-    if args.group_size < 2:
-        p.error("--group-size must be >= 2 (a group of one has no relative advantage)")
+            p.error(f"--{key} must be >= 1")
     if args.warmup < 0:
         p.error("--warmup must be >= 0")
     if (args.layers or args.vision_layers) and not args.config:
         p.error("--layers / --vision-layers only apply with --config")
-    if args.vs_trl and not tiny:
+    if args.vs_trl and not args.tiny:
         p.error("--vs-trl compares on the tiny model only")
-    if args.image_size is not None and args.image_size < 28:
-        p.error("--image-size must be >= 28 (one 28x28 patch)")
+    if args.plan and not (args.config or os.path.isfile(os.path.join(args.train.model, "config.json"))):
+        p.error("--plan needs --config 3b|7b, or --model a local Qwen2.5-VL folder (its config.json)")
+    if args.train.batch_size % args.gpus and args.plan:
+        p.error(f"--batch-size {args.train.batch_size} is not a multiple of --gpus {args.gpus}")
     return args
 
 
 # ---------------------------------------------------------------------------------------------
 # Setup: devices, models, prompts.
 
-def build_qwen_shaped(name, layers=None, vision_layers=None, seed=0):
-    """(model, processor): Qwen2.5-VL-{3B,7B} architecture, random weights, optionally fewer layers."""
+def build_qwen_shaped(name, layers=None, vision_layers=None, seed=0, dtype=torch.float32):
+    """(model, processor): Qwen2.5-VL-{3B,7B} architecture (name, or a QWEN_SHAPES-like dict),
+    random weights built in dtype, optionally fewer layers."""
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     _, processor = model_mod.build_tiny(seed)
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in model_mod.SPECIAL_TOKENS}
-    s = dict(QWEN_SHAPES[name])
+    s = dict(QWEN_SHAPES[name] if isinstance(name, str) else name)
     vision_out, tie = s.pop("vision_out"), s.pop("tie_word_embeddings")
+    vis = dict(QWEN_VISION, **s.pop("vision", {}), out_hidden_size=vision_out)
     if layers:
         s["num_hidden_layers"] = layers
-    vis = dict(QWEN_VISION, out_hidden_size=vision_out)
     if vision_layers:
-        vis["depth"] = vision_layers
         # keep a full-attention block at the same relative depth as in the real tower
-        vis["fullatt_block_indexes"] = sorted({min(vision_layers - 1, i * vision_layers // 32)
-                                               for i in QWEN_VISION["fullatt_block_indexes"]})
+        vis["fullatt_block_indexes"] = sorted({min(vision_layers - 1, i * vision_layers // vis["depth"])
+                                               for i in vis["fullatt_block_indexes"]})
+        vis["depth"] = vision_layers
+    head_dim = s["hidden_size"] // s["num_attention_heads"]
     config = Qwen2_5_VLConfig(
         text_config=dict(s, max_position_embeddings=128000, rms_norm_eps=1e-6,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [16, 24, 24]},
+                                          "mrope_section": _mrope_section(head_dim)},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"]),
         vision_config=vis, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=tie)
     torch.manual_seed(seed)
-    net = Qwen2_5_VLForConditionalGeneration(config)
+    net = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     net.generation_config = GenerationConfig(
         eos_token_id=[ids[t] for t in model_mod.END_TOKENS], pad_token_id=ids["<|endoftext|>"])
     return net, processor
 
 
+def _mrope_section(head_dim):
+    """Qwen2.5-VL's M-RoPE split [16, 24, 24] of head_dim/2 = 64 (t, h, w), scaled to other widths
+    (it must sum to head_dim/2, DESIGN.md §7)."""
+    half = head_dim // 2
+    h = half * 3 // 8
+    return [half - 2 * h, h, h]
+
+
 def load_policy(args, device, dtype=torch.float32):
-    """(model, processor) as train.py.build would get them, + the image budget in pixels.
-    train.py keeps fp32 master weights (--bf16 = autocast) and a bf16 reference under --bf16."""
-    max_pixels = args.image_size ** 2 if args.image_size else None
+    """(model, processor) as train.build loads them: fp32 master weights (--bf16 = autocast),
+    the reference in bf16 under --bf16. A --config model gets the tiny processor with the
+    --max-pixels budget."""
     if args.config:
-        net, processor = build_qwen_shaped(args.config, args.layers, args.vision_layers, args.seed)
-        # the tiny processor's budget is 112x112; a Qwen-shaped model gets 448x448 unless told
-        max_pixels = max_pixels or 448 * 448
-        processor.image_processor.size["longest_edge"] = max_pixels
-        net.to(device=device, dtype=dtype)
-    else:
-        net, processor = model_mod.load(args.model, device=device, dtype=dtype, max_pixels=max_pixels)
-    return net, processor, max_pixels
+        net, processor = build_qwen_shaped(args.config, args.layers, args.vision_layers,
+                                           args.train.seed, dtype)
+        model_mod.set_max_pixels(processor, args.train.max_pixels)
+        return net.to(device), processor
+    return model_mod.load(args.train.model, device=device, dtype=dtype, max_pixels=args.train.max_pixels)
 
 
 def bench_prompts(n, max_pixels, seed=0, types="all"):
     """n (record, image) pairs from a small synthetic set (data.synth), picked round-robin over
     the given question types so every step sees the same mix. Fixed across steps. A mix of all six
     types pads more than a curriculum batch (one stage) does: planning prompts are the longest."""
-    import data as data_mod
     wanted = data_mod.TYPES if types == "all" else [t.strip() for t in types.split(",") if t.strip()]
     bad = [t for t in wanted if t not in data_mod.TYPES]
     if bad or not wanted:
@@ -254,72 +267,43 @@ def _clock(device):
     return time.perf_counter()
 
 
-def grpo_step(policy, wrapped, ref, opt, processor, records, images, args, device, world):
-    """One GRPO step exactly as train.py runs it. Returns (phase seconds, counts)."""
-    k = args.group_size
-    t = {"sample": 0.0, "score": 0.0, "policy_fwd": 0.0, "old_fwd": 0.0, "ref_fwd": 0.0,
-         "backward": 0.0, "optimizer": 0.0}
-    c0 = _clock(device)
-    with model_mod.autocast(device, args.bf16):
-        rollout = model_mod.generate(policy, processor, [r["question"] for r in records], images,
-                                     num_samples=k, max_new_tokens=args.max_new_tokens)
-    c1 = _clock(device)
-    t["sample"] = c1 - c0
-    rewards = torch.tensor([reward.compute_reward(text, records[i // k])["total"]
-                            for i, text in enumerate(rollout.texts)], dtype=torch.float32)
-    adv = grpo.group_advantages(rewards, k)
-    c2 = _clock(device)
-    t["score"] = c2 - c1
-
-    opt.zero_grad(set_to_none=True)
-    n_q = len(rollout.has_image)
-    local_tokens = float(rollout.completion_mask.sum())
-    tok = torch.tensor(local_tokens, dtype=torch.float64, device=device)
-    if world > 1:
-        dist.all_reduce(tok)
-    denom = max(float(tok) / world, 1.0)
-    chunks = [list(range(i, min(i + args.micro_batch, n_q))) for i in range(0, n_q, args.micro_batch)]
-    ref_ctx = torch.inference_mode if args.ref_mode == "inference_mode" else torch.no_grad
-    for j, qs in enumerate(chunks):
-        sub = model_mod.select(rollout, qs)
-        last = j == len(chunks) - 1
-        sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        with sync, model_mod.autocast(device, args.bf16):
-            a = _clock(device)
-            logp = model_mod.token_logprobs(wrapped, sub)
-            b = _clock(device)
-            t["policy_fwd"] += b - a
-            old_logp = logp.detach()
-            if args.old_logp:        # what ppo_epochs > 1 would cost; train.py never runs it
-                with torch.no_grad():
-                    old_logp = model_mod.token_logprobs(policy, sub)
-                c = _clock(device)
-                t["old_fwd"] += c - b
-                b = c
-            ref_logp = None
-            if ref is not None:
-                with ref_ctx():
-                    ref_logp = model_mod.token_logprobs(ref, sub)
-                ref_logp = ref_logp.clone() if args.ref_mode == "inference_mode" else ref_logp
-                c = _clock(device)
-                t["ref_fwd"] += c - b
-                b = c
-            mask = sub.completion_mask.to(device)
-            adv_sub = adv[[q * k + s for q in qs for s in range(k)]].to(device)
-            loss, _ = grpo.grpo_loss(logp, old_logp, ref_logp, adv_sub, mask, kl_coef=args.kl,
-                                     num_tokens=denom)
-            if sub.pixel_values is None:
-                loss = loss + model_mod.vision_touch(policy)
-            loss.backward()
-            c = _clock(device)
-            t["backward"] += c - b
+@contextmanager
+def _timer(times, name, device):
     a = _clock(device)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    t["optimizer"] = _clock(device) - a
+    try:
+        yield
+    finally:
+        times[name] += _clock(device) - a
+
+
+def grpo_step(policy, wrapped, ref, opt, processor, records, images, targs, device, world,
+              old_logp=False):
+    """One GRPO step as train.py runs it, phase by phase: train.update itself (its phase hooks
+    time the forwards and the backward) and train.optimizer_step. Returns (phase seconds, counts)."""
+    k = targs.group_size
+    t = dict.fromkeys(("sample", "score", "policy_fwd", "old_fwd", "ref_fwd", "backward",
+                       "optimizer"), 0.0)
+    with _timer(t, "sample", device), train.gathered(policy, targs), train.autocast(targs, device):
+        rollout = model_mod.generate(policy, processor, [r["question"] for r in records], images,
+                                     num_samples=k, max_new_tokens=targs.max_new_tokens,
+                                     temperature=targs.temperature)
+    with _timer(t, "score", device):
+        rewards = torch.tensor([s["total"] for s in train.score(rollout.texts, records, k, targs)])
+        adv = grpo.group_advantages(rewards, k, scale=targs.adv_scale)
+    loss, _ = train.update(wrapped, policy, ref, rollout, adv, targs, world, device,
+                           phase=lambda name: _timer(t, name, device))
+    if old_logp:   # what a second update per batch (ppo_epochs > 1) would cost; train.py never runs it
+        n = rollout.input_ids.shape[0]
+        with _timer(t, "old_fwd", device), torch.no_grad(), train.autocast(targs, device):
+            for i in range(0, n, targs.micro_batch):
+                sub = model_mod.select(rollout, range(i, min(i + targs.micro_batch, n)))
+                model_mod.token_logprobs(policy, sub, temperature=targs.temperature)
+    with _timer(t, "optimizer", device):
+        train.optimizer_step(opt, [p for p in policy.parameters() if p.requires_grad], loss, targs,
+                             world, device)
     am = rollout.attention_mask
-    counts = {"gen_tokens": float(sum(rollout.lengths)), "completion_tokens": local_tokens,
+    counts = {"gen_tokens": float(sum(rollout.lengths)),
+              "completion_tokens": float(rollout.completion_mask.sum()),
               "seq_tokens": float(am.sum()), "padded_cells": float(am.numel()),
               "completion_cells": float(rollout.completion_mask.numel()),
               "truncated": float(sum(rollout.truncated)) / len(rollout.truncated),
@@ -368,7 +352,6 @@ def planning_answers(n, seed=0):
     """(answers, records, kinds, source): n planning answers, a third each right (the first
     reference route), half-right (right first segment, then a wrong line to a wrong end) and
     wrong (a made-up line between made-up stops), over real ReasonMap cities when present."""
-    import data as data_mod
     rng = random.Random(seed)
     stations = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reasonmap",
                             "stations")
@@ -451,19 +434,20 @@ def vs_trl(args):
             "  /tmp/trlenv/bin/pip install trl -c <(printf 'torch==2.13.0\\ntransformers==5.24.0\\n')\n"
             "  /tmp/trlenv/bin/python bench.py --vs-trl") from None
     import trl
-    if args.kl > 0:
+    targs = argparse.Namespace(**vars(args.train))
+    if targs.kl > 0:
         raise SystemExit("--vs-trl compares with beta = 0 (no reference model): drop --kl")
     _, world, device = model_mod.init_distributed(args.threads)
     if world > 1:
         raise SystemExit("--vs-trl runs in one process (no torchrun)")
-    k, n_q, T = args.group_size, args.batch_size, args.max_new_tokens
-    max_pixels = args.image_size ** 2 if args.image_size else None
+    k, n_q, T = targs.group_size, targs.batch_size, targs.max_new_tokens
+    max_pixels = targs.max_pixels
     ours, processor = model_mod.load("tiny", max_pixels=max_pixels)
     theirs, trl_processor = model_mod.load("tiny", max_pixels=max_pixels)   # same seed, same weights
-    records, images = bench_prompts(n_q, max_pixels, args.seed, args.types)
+    records, images = bench_prompts(n_q, max_pixels, targs.seed, args.types)
     suppress = model_mod._special_ids(processor, model_mod.VISION_TOKENS)
     ours.train()
-    opt = torch.optim.AdamW(ours.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+    opt = torch.optim.AdamW(ours.parameters(), lr=targs.lr, weight_decay=targs.weight_decay,
                             betas=(0.9, 0.999))
 
     rows = [{"prompt": [{"role": "user", "content": r["question"]}], "image": im, "rid": i}
@@ -484,17 +468,16 @@ def vs_trl(args):
         gradient_accumulation_steps=1, steps_per_generation=1, num_generations=k,
         max_completion_length=T, temperature=1.0, top_k=0, top_p=1.0,
         generation_kwargs={"suppress_tokens": suppress}, beta=0.0, num_iterations=1, epsilon=0.2,
-        scale_rewards="none", loss_type="dapo", learning_rate=args.lr,
-        weight_decay=args.weight_decay, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch",
+        scale_rewards="none", loss_type="dapo", learning_rate=targs.lr,
+        weight_decay=targs.weight_decay, adam_beta1=0.9, adam_beta2=0.999, optim="adamw_torch",
         lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, max_steps=total_steps,
         logging_steps=1, report_to=[], save_strategy="no", use_cpu=device == "cpu", bf16=False,
-        dataloader_num_workers=0, seed=args.seed, disable_tqdm=True, remove_unused_columns=False)
+        dataloader_num_workers=0, seed=targs.seed, disable_tqdm=True, remove_unused_columns=False)
 
     ours_t, ours_c, trl_t, trl_between = [], [], [], []
     trl_phase = {"generate": [], "reward": [], "forward": []}
     state = {"begin": None, "end": None, "phase": {}}
-    args_step = argparse.Namespace(**vars(args), )
-    args_step.kl, args_step.old_logp, args_step.micro_batch = 0.0, False, n_q
+    targs.micro_batch = n_q * k   # one forward/backward over the whole batch, as TRL's step
 
     class Alternate(TrainerCallback):
         """TRL's clock from on_step_begin to on_step_end; our step runs in on_step_end, off it."""
@@ -508,7 +491,7 @@ def vs_trl(args):
 
         def on_step_end(self, a, s, control, **kw):
             trl_s = time.perf_counter() - state["begin"]
-            t, c = grpo_step(ours, ours, None, opt, processor, records, images, args_step, device, 1)
+            t, c = grpo_step(ours, ours, None, opt, processor, records, images, targs, device, 1)
             if s.global_step > args.warmup:
                 trl_t.append(trl_s)
                 for key in trl_phase:
@@ -555,8 +538,8 @@ def vs_trl(args):
                     [t - sum(trl_phase[key][i] for key in trl_phase) for i, t in enumerate(trl_t)]), 4),
                 "between_steps_s": round(med(trl_between), 4) if trl_between else None},
         "matched": {"same_prompt_tokens": same_prompt, "group_size": k, "questions": n_q,
-                    "max_new_tokens": T, "beta": 0.0, "num_iterations": 1, "lr": args.lr,
-                    "weight_decay": args.weight_decay, "grad_clip": 1.0, "advantages": "centred",
+                    "max_new_tokens": T, "beta": 0.0, "num_iterations": 1, "lr": targs.lr,
+                    "weight_decay": targs.weight_decay, "grad_clip": 1.0, "advantages": "centred",
                     "loss": "token-mean", "torch_threads": torch.get_num_threads()},
         "versions": {"trl": trl.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
@@ -565,32 +548,657 @@ def vs_trl(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# Memory plan (--plan): one step of train.py per GPU, traced with fake tensors.
+
+GB = 1e9
+# In a fake trace, floating-point tensors of more than SMALL elements and any tensor of more than
+# SMALL_BYTES are fake: shape, dtype and strides, no data, no memory.
+SMALL, SMALL_BYTES = 1 << 16, 1 << 24
+PHASES = ("load", "rollout prefill", "rollout decode", "policy forward", "reference forward",
+          "backward", "optimizer")
+UPDATE_PHASES = {"policy_fwd": "policy forward", "ref_fwd": "reference forward", "backward": "backward"}
+CATEGORIES = ("fp32 master", "weights", "grads", "optimizer", "FSDP all-gathers", "DDP buckets",
+              "KV cache", "activations", "log-prob path", "inputs")
+# What an allocation is, by the innermost frame of its call stack that matches (file, function);
+# weights, grads, optimizer state and the KV cache are recognised by identity instead.
+FRAME_CATEGORIES = (
+    (os.sep + "distributed" + os.sep + "fsdp" + os.sep, None, "FSDP all-gathers"),
+    (os.path.join("nn", "parallel", "distributed.py"), None, "DDP buckets"),
+    ("cache_utils.py", None, "KV cache"),
+    (os.sep + "optim" + os.sep, None, "optimizer"),
+    (os.sep + "transformers" + os.sep, None, "activations"),
+    (os.path.join("utils", "checkpoint.py"), None, "activations"),
+    (os.sep + "model.py", "select", "inputs"),
+    (os.sep + "model.py", None, "activations"),
+    (os.sep + "grpo.py", None, "activations"),
+    (os.sep + "train.py", None, "inputs"),
+    (os.sep + "bench.py", None, "inputs"),
+)
+
+
+def _storages(t):
+    t = getattr(t, "_local_tensor", t)   # a DTensor's shard
+    return [t.untyped_storage()] if isinstance(t, torch.Tensor) else []
+
+
+class MemoryTrace(TorchDispatchMode):
+    """Runs every op under it and keeps the bytes of every live tensor storage (a weak reference
+    returns them when the storage is freed; FSDP2's storage resizes are followed too): the peak of
+    each phase, and what was live at that peak by category (CATEGORIES).
+
+    fake=True: tensors of weights, activations, logits and caches are FakeTensors (torch's
+    FakeTensorMode: shapes, dtypes and strides, no data). Integer and small tensors (token ids,
+    masks, image grids, positions, window indices) stay real, so the data-dependent index code of
+    HF's Qwen2.5-VL (M-RoPE positions, vision windows, placeholder masks) runs as on a GPU; integers
+    and booleans computed from fake data (a sampled token, a comparison) become real zeros; a
+    Python number read from fake data (.item() of a loss statistic) is 0, counted in `reads`.
+    fake=False: every tensor real, the same accounting (the fake trace's validation)."""
+
+    def __init__(self, fake=True, vocab=None):
+        super().__init__()
+        self.fake = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        self.vocab = vocab
+        self.identify = lambda: []          # -> [(category, tensors)], asked at each snapshot
+        self.weight_storages = set()       # fp32 weights, whose autocast copies are "weights"
+        self.live, self.refs = {}, {}      # id(storage) -> [bytes, category]; its weak reference
+        self.now, self.stack, self.override = 0, [], []
+        self.peaks, self.snaps, self.snap_at = {}, {}, {}
+        self.by_category, self.max_by_category = collections.Counter(), collections.Counter()
+        self.reads = collections.Counter()
+        self.layouts, self.functional = {}, {}
+
+    def reset(self):
+        self.peaks, self.snaps, self.snap_at = {}, {}, {}
+        self.max_by_category = collections.Counter(self.by_category)
+        self.reads.clear()
+
+    @contextmanager
+    def phase(self, name, category=None):
+        """Follow the peak of phase `name` while inside; new storages are `category` if given."""
+        gc.collect()   # storages held only by reference cycles go now, not at a random later time
+        self.stack.append(name)
+        self.override.append(category)
+        if self.now > self.peaks.get(name, -1):
+            self._record(name)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+            self.override.pop()
+
+    def snapshot(self):
+        known = {}
+        for category, tensors in self.identify():
+            for t in tensors:
+                for st in _storages(t):
+                    known.setdefault(id(st), category)
+        out = collections.Counter()
+        for key, (n, category) in self.live.items():
+            out[known.get(key, category)] += n
+        return out
+
+    def track(self, tensors, category="inputs"):
+        for t in tensors:
+            for st in _storages(t):
+                self._new(st, category)
+
+    # -- accounting --------------------------------------------------------------------------
+    def _record(self, name):
+        self.peaks[name] = self.now
+        if self.now > self.snap_at.get(name, -1) * 1.002:   # what is live, to within 0.2 %
+            self.snap_at[name] = self.now
+            self.snaps[name] = self.snapshot()
+
+    def _change(self, n, category):
+        self.now += n
+        self.by_category[category] += n
+        self.max_by_category[category] = max(self.max_by_category[category], self.by_category[category])
+        for name in self.stack:
+            if self.now > self.peaks[name]:
+                self._record(name)
+
+    def _new(self, st, category):
+        key = id(st)
+        if key not in self.live:
+            self.refs[key] = weakref.ref(st, functools.partial(self._free, key))
+            self.live[key] = [st.nbytes(), category]
+            self._change(st.nbytes(), category)
+
+    def _free(self, key, _ref):
+        n, category = self.live.pop(key)
+        del self.refs[key]
+        self._change(-n, category)
+
+    def _resized(self, st):
+        entry = self.live.get(id(st))
+        if entry is not None:
+            n, entry[0] = entry[0], st.nbytes()
+            self._change(entry[0] - n, entry[1])
+
+    def _category(self, func, args, t):
+        if self.override and self.override[-1]:
+            return self.override[-1]
+        if self.vocab and t.dim() >= 2 and t.shape[-1] == self.vocab:
+            return "log-prob path"     # logits, log-softmax and their gradients
+        if func is torch.ops.aten._to_copy.default and isinstance(args[0], torch.Tensor) \
+                and id(args[0].untyped_storage()) in self.weight_storages:
+            return "weights"           # autocast's bf16 copy of an fp32 weight
+        f = sys._getframe(2)
+        while f is not None:
+            for part, function, category in FRAME_CATEGORIES:
+                if part in f.f_code.co_filename and function in (None, f.f_code.co_name):
+                    return category
+            f = f.f_back
+        return "inputs"
+
+    # -- dispatch ----------------------------------------------------------------------------
+    def __enter__(self):
+        resize, trace = torch.UntypedStorage.resize_, self
+        self._resize = resize
+
+        def resize_(st, size):   # FSDP2 frees and re-allocates gathered weights this way
+            resize(st, size)
+            trace._resized(st)
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._resize
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented      # DTensor runs its local ops, which come back here
+        if func is torch.ops.prim.device.default:   # asked of every fake tensor by C++
+            return args[0].fake_device if isinstance(args[0], FakeTensor) else args[0].device
+        out = func(*args, **kwargs) if self.fake is None else self._run(func, args, kwargs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                if id(st) not in self.live:
+                    self._new(st, self._category(func, args, t))
+        return out
+
+    def _run(self, func, args, kwargs):
+        flat = pytree.arg_tree_leaves(*args, **kwargs)
+        if not any(isinstance(t, FakeTensor) for t in flat):
+            # real inputs: real compute, unless the result is big (then it is fake: shapes only)
+            writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+            if not writes:
+                try:
+                    with self.fake:
+                        probe = func(*args, **kwargs)
+                    if any((t.is_floating_point() and t.numel() > SMALL) or
+                           t.numel() * t.element_size() > SMALL_BYTES
+                           for t in pytree.tree_leaves(probe) if isinstance(t, torch.Tensor)):
+                        return probe
+                except Exception:   # no fake kernel (data-dependent output): real inputs run real
+                    pass
+            return func(*args, **kwargs)
+        if func is torch.ops.aten._local_scalar_dense.default:
+            f = sys._getframe(1)
+            while f is not None and (os.sep + "torch" + os.sep in f.f_code.co_filename
+                                     or f.f_code.co_filename == __file__):
+                f = f.f_back
+            self.reads[f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno}" if f else "?"] += 1
+            return 0.0 if args[0].is_floating_point() else 0
+        if func in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                    torch.ops.aten.index_put_.default, torch.ops.aten._index_put_impl_.default):
+            # a real boolean mask indexes like its nonzero() positions, whose number is known
+            args = (args[0], [j for i in args[1] for j in
+                              (i.nonzero().unbind(1) if isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                               and not isinstance(i, FakeTensor) else [i])], *args[2:])
+        out = self._fake(func, args, kwargs, flat)
+        if isinstance(out, torch.Tensor) and not out.is_floating_point() and not out.is_complex() \
+                and not func._schema.returns[0].alias_info and out.numel() * out.element_size() <= SMALL_BYTES:
+            return torch.zeros(out.shape, dtype=out.dtype)   # control flow on it can run
+        return out
+
+    def _fake(self, func, args, kwargs, flat):
+        """func under FakeTensorMode. A functional op (writes and aliases nothing) gives outputs
+        whose layout follows from its inputs' shapes, strides and dtypes: keyed on those, a repeat
+        is answered with empty fake tensors of the recorded layout (FakeTensorMode's own cache
+        misses on views at new offsets, e.g. the vision tower's per-window attention)."""
+        functional = self.functional.get(func)
+        if functional is None:
+            schema = func._schema
+            functional = self.functional[func] = \
+                all(a.alias_info is None for a in [*schema.arguments, *schema.returns]) \
+                and torch.Tag.nondeterministic_seeded not in func.tags
+        key = None
+        if functional:
+            key = (func, *((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+                           for a in flat))
+            try:
+                layout = self.layouts.get(key)
+            except TypeError:   # an unhashable argument
+                key = layout = None
+            if layout is not None:
+                spec, metas = layout
+                with self.fake:
+                    leaves = [torch.empty_strided(m[0], m[1], dtype=m[2]) if isinstance(m, tuple) else m
+                              for m in metas]
+                return pytree.tree_unflatten(leaves, spec)
+        with self.fake:
+            out = func(*args, **kwargs)
+        if key is not None:
+            leaves, spec = pytree.tree_flatten(out)
+            self.layouts[key] = (spec, [(t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor)
+                                        else t for t in leaves])
+        return out
+
+
+def plan_shapes(args):
+    """QWEN_SHAPES-like dict of --config, or of --model's config.json (no weights read)."""
+    if args.config:
+        return dict(QWEN_SHAPES[args.config], name=f"Qwen2.5-VL-{args.config.upper()}")
+    with open(os.path.join(args.train.model, "config.json")) as f:
+        cfg = json.load(f)
+    text, vision = cfg.get("text_config", cfg), cfg["vision_config"]
+    shapes = {key: text[key] for key in ("vocab_size", "hidden_size", "intermediate_size",
+                                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads")}
+    return dict(shapes, tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+                vision_out=vision.get("out_hidden_size", shapes["hidden_size"]),
+                vision={key: vision[key] for key in QWEN_VISION if key in vision},
+                name=os.path.basename(os.path.normpath(args.train.model)))
+
+
+def _plan_question():
+    """The longest question the data makes (a long-template route question), for the prompt."""
+    metro, _ = data_mod.synth_city(random.Random("plan"), "hard")
+    recs = data_mod.make_questions(metro, city="Plan", country="x", difficulty="hard",
+                                   figure="map.png", rng=random.Random(0), per_type=4)
+    return max((r["question"] for r in recs), key=len)
+
+
+class PlannedRun:
+    """Rank 0 of a `gpus`-GPU run of train.py, built in one process on a fake process group:
+    train.distribute shards or wraps the models exactly as train.build does; a warm-up step
+    (train.update + train.optimizer_step on a one-token batch) creates AdamW's state and lets DDP
+    rebuild its buckets, as every later step finds them. trial() then traces one step."""
+
+    def __init__(self, shapes, targs, gpus, fake=True):
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=gpus)
+        self.targs, self.gpus = targs, gpus
+        self.trace = trace = MemoryTrace(fake=fake, vocab=shapes["vocab_size"])
+        self.cache = self.policy = self.ref = self.opt = None
+        self.params = []
+        trace.identify = self._identify
+        shapes = {key: v for key, v in shapes.items() if key != "name"}
+        with trace, trace.phase("load"):
+            # as train.build: fp32 policy, the reference in bf16 under --bf16, each on the GPU in
+            # full before sharding (model.load moves a whole model to its device)
+            with trace.phase("load", category="weights"):
+                self.policy, self.processor = build_qwen_shaped(shapes, dtype=torch.float32)
+                if targs.kl > 0 and targs.algo == "grpo":
+                    dtype = torch.bfloat16 if targs.bf16 else torch.float32
+                    self.ref = build_qwen_shaped(shapes, dtype=dtype)[0]
+            model_mod.set_max_pixels(self.processor, targs.max_pixels)
+            self.wrapped = train.distribute(self.policy, self.ref, self.processor, targs, "cpu", gpus)
+        self.loaded = (trace.peaks["load"], trace.snaps["load"])
+        if hasattr(self.wrapped, "register_comm_hook"):
+            # the fake process group's all-reduce leaves DDP no result: complete it in place
+            self.wrapped.register_comm_hook(None, _done_in_place)
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=targs.lr, weight_decay=targs.weight_decay,
+                                     betas=(0.9, 0.999))
+        trace.weight_storages = {id(st) for p in self.params for st in _storages(p)}
+        self.question = _plan_question()
+        with trace:
+            self._update(*self._rollout_for_update(self._encode((56, 56)), 1, targs.group_size))
+        trace.reset()
+
+    def _identify(self):
+        params = self.params or (list(self.policy.parameters()) if self.policy is not None else [])
+        out = [("fp32 master", params), ("grads", [p.grad for p in params]),
+               ("optimizer", [v for s in self.opt.state.values() for v in s.values()] if self.opt else [])]
+        if self.ref is not None:
+            out.append(("weights", list(self.ref.parameters())))
+        if self.cache is not None:
+            out.append(("KV cache", [t for layer in self.cache.layers for t in (layer.keys, layer.values)]))
+        return [(category, [t for t in ts if isinstance(t, torch.Tensor)]) for category, ts in out]
+
+    def _encode(self, image_size):
+        """model.encode of this rank's questions, each with a blank map of image_size (w, h)."""
+        n = self.targs.batch_size // self.gpus
+        enc, has_image = model_mod.encode(self.processor, [self.question] * n,
+                                          [Image.new("RGB", image_size, "white")] * n)
+        return enc, has_image
+
+    def _rollout_for_update(self, encoded, T, rows):
+        """The Rollout train.update gets: `rows` samples that run to T tokens (the worst case:
+        no end-of-turn), but one that ends a token early, so the batch is padded as a real one."""
+        (enc, has_image), k = encoded, self.targs.group_size
+        pixels = torch.zeros(enc["pixel_values"].shape)        # inside the trace: fake
+        self.trace.track([pixels])
+        rep = lambda t: t.repeat_interleave(k, dim=0)[:rows]
+        completion = torch.full((rows, T), 100, dtype=torch.long)   # an ordinary token
+        mask = torch.ones(rows, T)
+        mask[-1, -1] = 0.0
+        ro = model_mod.Rollout(
+            texts=[""] * rows, truncated=[True] * rows, lengths=[T] * rows, num_samples=k,
+            input_ids=torch.cat([rep(enc["input_ids"]), completion], 1),
+            attention_mask=torch.cat([rep(enc["attention_mask"]), mask.long()], 1),
+            mm_token_type_ids=torch.cat([rep(enc["mm_token_type_ids"]), torch.zeros_like(completion)], 1),
+            completion_mask=mask, prompt_len=enc["input_ids"].shape[1], pixel_values=pixels,
+            image_grid_thw=enc["image_grid_thw"], has_image=has_image,
+            suppress_ids=model_mod._special_ids(self.processor, model_mod.VISION_TOKENS))
+        return ro, torch.zeros(rows)
+
+    def _update(self, rollout, advantages):
+        phase = lambda name: self.trace.phase(UPDATE_PHASES[name])
+        loss, _ = train.update(self.wrapped, self.policy, self.ref, rollout, advantages, self.targs,
+                               self.gpus, "cpu", phase=phase)
+        with self.trace.phase("optimizer"):
+            train.optimizer_step(self.opt, self.params, loss, self.targs, self.gpus, "cpu")
+
+    def rollout(self, encoded, T):
+        """train.py's rollout, traced where its memory peaks: model.shared_prefill (the vision
+        tower and the prompt prefill, the KV cache repeated K times) and HF generate's last decode
+        step, run by net.generate itself on a KV cache grown to P+T-2 tokens by DynamicCache.update
+        (what each earlier decode step adds). Not traced: the T-1 decode steps before the last,
+        which hold less (a shorter cache, the same [B*K, 1] activations)."""
+        (enc, _), k, targs = encoded, self.targs.group_size, self.targs
+        net = self.policy
+        with train.gathered(self.policy, targs), train.autocast(targs, "cpu"), torch.no_grad():
+            enc = dict(enc, pixel_values=torch.zeros(enc["pixel_values"].shape))
+            self.trace.track(enc.values())
+            net.eval()
+            try:
+                with self.trace.phase("rollout prefill"):
+                    self.cache, rows = model_mod.shared_prefill(net, enc, k)
+                with self.trace.phase("rollout decode"):
+                    for i, layer in enumerate(self.cache.layers):
+                        shape = (*layer.keys.shape[:2], T - 1, layer.keys.shape[3])
+                        self.cache.update(torch.zeros(shape, dtype=layer.keys.dtype),
+                                          torch.zeros(shape, dtype=layer.values.dtype), i)
+                    grown = torch.full((rows["input_ids"].shape[0], T - 1), 100, dtype=torch.long)
+                    rows = {"input_ids": torch.cat([rows["input_ids"], grown], 1),
+                            "attention_mask": torch.cat([rows["attention_mask"], torch.ones_like(grown)], 1),
+                            "mm_token_type_ids": torch.cat([rows["mm_token_type_ids"],
+                                                            torch.zeros_like(grown)], 1)}
+                    gen = model_mod.sampling_config(self.processor, num_samples=1, max_new_tokens=1,
+                                                    temperature=targs.temperature)
+                    net.generate(**rows, cache=self.cache, generation_config=gen)
+            finally:
+                self.cache = None
+                net.train()
+
+    def trial(self, T, micro_batch, image_size, rollout=True):
+        """Trace one step at T new tokens and micro-batch `micro_batch`, every question with a
+        map of image_size: {phase: (peak bytes, bytes by category at that peak)}. The update runs
+        two micro-batches when there are more: every later one repeats the second's shapes and
+        allocations (the gradients exist from the first on)."""
+        self.targs.micro_batch = micro_batch
+        self.trace.reset()
+        encoded = self._encode(image_size)
+        with self.trace:
+            if rollout:
+                self.rollout(encoded, T)
+            n = self.targs.batch_size // self.gpus * self.targs.group_size
+            self._update(*self._rollout_for_update(encoded, T, min(n, 2 * micro_batch)))
+        peaks = dict(self.trace.peaks, load=self.loaded[0])
+        snaps = dict(self.trace.snaps, load=self.loaded[1])
+        return {name: (peaks[name], snaps[name]) for name in PHASES if name in peaks}
+
+    def close(self):
+        dist.destroy_process_group()
+
+
+def _done_in_place(state, bucket):
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+def plan_maps(args, processor):
+    """[(path, (w, h) of the file, image tokens)] of the maps the run admits: the figures of --data
+    when that file exists, else every image under --maps. Tokens follow data.load_image
+    (scaled_size at --max-pixels) and the processor's own count."""
+    targs, ip = args.train, processor.image_processor
+    if targs.data and os.path.isfile(targs.data):
+        paths = sorted({data_mod.figure_path(r, targs.data) for r in data_mod.load_records(targs.data)
+                        if r.get("figure")})
+    else:
+        paths = sorted(os.path.join(d, f) for d, _, files in os.walk(args.maps) for f in files
+                       if f.lower().endswith((".png", ".jpg", ".jpeg")))
+    out = []
+    for path in paths:
+        w, h = data_mod.image_size(path)
+        sw, sh = data_mod.scaled_size(w, h, targs.max_pixels) if targs.max_pixels else (w, h)
+        out.append((path, (w, h), (sw, sh), ip.get_number_of_image_patches(sh, sw, {}) // ip.merge_size ** 2))
+    return out
+
+
+def _peak(result, phases=PHASES):
+    return max(result[name][0] for name in phases if name in result)
+
+
+def _fit_quadratic(points):
+    """Coefficients (a, b, c) of a*T^2 + b*T + c through three (T, bytes) points."""
+    (x1, y1), (x2, y2), (x3, y3) = points
+    a = ((y3 - y1) / (x3 - x1) - (y2 - y1) / (x2 - x1)) / (x3 - x2)
+    b = (y2 - y1) / (x2 - x1) - a * (x1 + x2)
+    return a, b, y1 - a * x1 * x1 - b * x1
+
+
+def search(run, result, T, micro_batch, image_size, budget, offload, step=256, cap=32768):
+    """Largest --micro-batch at T, and largest --max-new-tokens at micro_batch, that fit budget.
+    Micro-batches: divisors and multiples of K, each traced (update only: the rollout does not
+    depend on it). New tokens: every phase's peak is a quadratic in T (sizes grow with the
+    sequence, the attention mask with its square), fitted through three traces and then checked
+    by a trace at the predicted value, stepping down until one fits."""
+    targs, k = run.targs, run.targs.group_size
+    peak = lambda r, phases=PHASES: _peak(_gpu(r, offload), phases)
+    rows = targs.batch_size // run.gpus * k
+    floor = peak(result, ("optimizer",))
+    out = {"micro_batch": None, "max_new_tokens": None}
+    if floor > budget:   # weights, gradients and AdamW state alone do not fit
+        return out
+    rollout_peak = peak(result, ("rollout prefill", "rollout decode"))
+    candidates = sorted({m for m in range(1, rows + 1) if m % k == 0 or k % m == 0}, reverse=True)
+    if rollout_peak <= budget:
+        for m in candidates:
+            r = result if m == micro_batch else run.trial(T, m, image_size, rollout=False)
+            if peak(r) <= budget:
+                out["micro_batch"] = m
+                break
+    points = {T: result}
+    for t in (max(64, T // 2), max(32, T // 4)):
+        if t not in points:
+            points[t] = run.trial(t, micro_batch, image_size)
+    fits = [t for t, r in points.items() if peak(r) <= budget]
+    best = max(fits) if fits else None
+    for _ in range(4):
+        xs = sorted(points, key=lambda t: abs(t - (best or 0)))[:3]
+        if len(xs) < 3:
+            break
+        fitted = {name: _fit_quadratic([(t, _gpu(points[t], offload)[name][0]) for t in xs])
+                  for name in points[xs[0]]}
+        guess = next((t for t in range(cap, step - 1, -step)
+                      if all(a * t * t + b * t + c <= budget for a, b, c in fitted.values())), None)
+        if guess is None or (best is not None and guess <= best):
+            break
+        points[guess] = run.trial(guess, micro_batch, image_size)
+        if peak(points[guess]) <= budget:
+            best = guess
+            break
+    out["max_new_tokens"] = best
+    return out
+
+
+def _gpu(result, offload):
+    """Phase peaks on the GPU: with --offload, the fp32 shards, their gradients and AdamW state
+    live in host memory, so they come off each phase's peak (an estimate: the trace runs without
+    FSDP2's offload policy, whose pinned host memory needs CUDA)."""
+    if not offload:
+        return result
+    host = ("fp32 master", "grads", "optimizer")
+    return {name: (n - sum(snap[c] for c in host), collections.Counter(
+        {c: v for c, v in snap.items() if c not in host})) for name, (n, snap) in result.items()}
+
+
+def host_memory(shapes_params, args):
+    """Host RAM per node (computed, not traced), in bytes: at load every rank holds its fp32 policy
+    on the host before moving it to its GPU (model.load); a checkpoint gathers the fp32 model on
+    rank 0 (issue 14) and every rank saves its AdamW shard; --offload keeps fp32 shards, gradients
+    and AdamW state in host memory for good."""
+    per_node = min(args.gpus, 8)
+    p4 = shapes_params * 4
+    out = {"load": per_node * p4, "checkpoint": p4 + 2 * p4 * per_node / args.gpus}
+    if args.train.offload:
+        out["offload"] = 4 * p4 * per_node / args.gpus
+    return out
+
+
+def plan_main(args):
+    """python bench.py --plan ...: trace train.py's step for the command, print the table (or
+    --json) and the largest settings that fit."""
+    import time as _time
+    targs, shapes = args.train, plan_shapes(args)
+    if not targs.grad_checkpointing or not targs.bf16:
+        print("note: the README's GPU commands use --bf16 --grad-checkpointing", file=sys.stderr)
+    start = _time.time()
+    budget = args.gpu_mem * (1 - args.headroom) * GB
+    _, processor = model_mod.build_tiny()
+    model_mod.set_max_pixels(processor, targs.max_pixels)
+    maps = plan_maps(args, processor)
+    if args.image_tokens:
+        side = max(1, round(math.sqrt(args.image_tokens))) * 28
+        image_size, where = (side, side), f"a {side}x{side} px map"
+        targs.max_pixels = max(targs.max_pixels or 0, side * side)
+    elif maps:
+        path, _, image_size, _ = max(maps, key=lambda m: m[3])
+        where = f"the largest map, {os.path.relpath(path)}"
+    else:
+        raise SystemExit(f"--plan: no maps under {args.maps} (give --maps DIR or --image-tokens N)")
+    mode = "fsdp" if targs.fsdp else ("ddp" if args.gpus > 1 else "single")
+    report = {"config": shapes["name"], "gpus": args.gpus, "mode": mode, "gpu_mem_gb": args.gpu_mem,
+              "budget_gb": round(budget / GB, 2), "planned_at": where,
+              "settings": {key: getattr(targs, key) for key in (
+                  "batch_size", "group_size", "micro_batch", "max_new_tokens", "max_pixels", "kl",
+                  "bf16", "fsdp", "offload", "grad_checkpointing", "freeze_vision")}}
+    modes = [mode] if args.no_search else [mode] + [m for m in ("fsdp", "ddp") if m != mode and args.gpus > 1]
+    for m in modes:
+        margs = argparse.Namespace(**vars(targs))
+        margs.fsdp, margs.offload = m == "fsdp", targs.offload and m == "fsdp"
+        run = PlannedRun(shapes, margs, args.gpus)
+        try:
+            if m == mode:
+                result = run.trial(targs.max_new_tokens, targs.micro_batch, image_size)
+                enc, _ = run._encode(image_size)
+                gpu = _gpu(result, margs.offload)
+                report.update(
+                    peak_gb=round(_peak(gpu) / GB, 2),
+                    phases={name: round(n / GB, 2) for name, (n, _) in gpu.items()},
+                    breakdown={name: {c: round(snap[c] / GB, 2) for c in CATEGORIES if snap[c]}
+                               for name, (_, snap) in gpu.items()},
+                    logprob_path_gb=round(run.trace.max_by_category["log-prob path"] / GB, 2),
+                    prompt_tokens=int(enc["input_ids"].shape[1]),
+                    image_tokens=int(enc["image_grid_thw"][0].prod()) // 4,
+                    data_dependent_reads=dict(run.trace.reads),
+                    parameters=sum(p.numel() for p in run.policy.parameters()))
+                report["fits"] = report["peak_gb"] * GB <= budget
+                text_tokens = report["prompt_tokens"] - report["image_tokens"]
+            if not args.no_search:
+                report.setdefault("largest_that_fit", {})[m] = search(
+                    run, result if m == mode else run.trial(targs.max_new_tokens, targs.micro_batch, image_size),
+                    targs.max_new_tokens, targs.micro_batch, image_size, budget, margs.offload)
+        finally:
+            run.close()
+    report["host_gb_per_node"] = {key: round(v / GB, 1) for key, v in host_memory(report["parameters"], args).items()}
+    report["maps"] = [{"map": os.path.relpath(p), "size": list(size), "read_at": list(read),
+                       "image_tokens": tokens, "prompt_tokens": tokens + text_tokens}
+                      for p, size, read, tokens in maps]
+    report["seconds"] = round(_time.time() - start, 1)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(plan_text(report))
+    return report
+
+
+def plan_text(r):
+    """The plan as a reader wants it: settings, phases, verdict, what fits, host memory, maps."""
+    s, gb = r["settings"], lambda n: f"{n:.1f}"
+    mode = {"fsdp": "FSDP2", "ddp": "DDP", "single": "one process"}[r["mode"]]
+    per_gpu = s["batch_size"] // r["gpus"]
+    tokens = sorted(m["image_tokens"] for m in r["maps"])
+    lines = [
+        f"Memory plan for {r['config']}, {mode} on {r['gpus']} GPUs of {r['gpu_mem_gb']:g} GB "
+        f"(train.py's step traced with fake tensors; no GPU involved)",
+        f"  per GPU: {per_gpu} questions x K={s['group_size']} samples, micro-batch {s['micro_batch']} "
+        f"samples, {s['max_new_tokens']:,} new tokens, KL {'on' if s['kl'] else 'off'}"
+        f"{', bf16' if s['bf16'] else ''}{', grad checkpointing' if s['grad_checkpointing'] else ''}"
+        f"{', optimizer offload' if s['offload'] else ''}",
+        f"  planned at {r['planned_at']}: prompt {r['prompt_tokens']:,} tokens "
+        f"({r['image_tokens']:,} image tokens), --max-pixels {s['max_pixels'] or 0:,}",
+    ]
+    if tokens:
+        lines.append(f"  the {len(tokens)} maps at this budget: {tokens[0]:,}-{tokens[-1]:,} image tokens, "
+                     f"median {tokens[len(tokens) // 2]:,}")
+    lines.append(f"\n{'phase':18s} {'GB':>6s}   live at the phase's peak, GB")
+    for name, n in r["phases"].items():
+        parts = sorted(r["breakdown"][name].items(), key=lambda kv: -kv[1])
+        lines.append(f"{name:18s} {n:6.1f}   " + ", ".join(f"{c} {gb(v)}" for c, v in parts if v >= 0.05))
+    verdict = "fits" if r["fits"] else "does NOT fit"
+    lines += [
+        f"\npeak per GPU {r['peak_gb']:.1f} GB: {verdict} in {r['budget_gb']:.1f} GB "
+        f"({r['gpu_mem_gb']:g} GB less {1 - r['budget_gb'] / r['gpu_mem_gb']:.0%} headroom)",
+        f"log-prob path (logits and log-softmax, [rows, T, vocab] tensors) at most {r['logprob_path_gb']:.2f} GB",
+    ]
+    for mode_name, found in r.get("largest_that_fit", {}).items():
+        label = {"fsdp": "FSDP2", "ddp": "DDP", "single": "one process"}[mode_name]
+        if found["micro_batch"] is None and found["max_new_tokens"] is None:
+            lines.append(f"largest that fit, {label}: nothing (not even 32 new tokens at micro-batch "
+                         f"{s['micro_batch']})")
+            continue
+        mb = found["micro_batch"]
+        mt = found["max_new_tokens"]
+        lines.append(f"largest that fit, {label}: --micro-batch {mb if mb else 'none'} at "
+                     f"{s['max_new_tokens']:,} new tokens; --max-new-tokens "
+                     f"{f'{mt:,}' if mt else 'none'} at micro-batch {s['micro_batch']}")
+    lines.append("host memory per node (computed, not traced): " + ", ".join(
+        f"{key} {v:,.0f} GB" for key, v in r["host_gb_per_node"].items()))
+    if r["data_dependent_reads"]:
+        lines.append("values read from fake tensors (answered 0; statistics, not control flow): " +
+                     ", ".join(f"{k} x{v}" for k, v in r["data_dependent_reads"].items()))
+    if r["maps"]:
+        lines.append("\nmaps (file size -> size read at --max-pixels): image tokens, prompt tokens")
+        for m in r["maps"]:
+            lines.append(f"  {m['map']:50s} {m['size'][0]}x{m['size'][1]} -> {m['read_at'][0]}x"
+                         f"{m['read_at'][1]}: {m['image_tokens']:,}, {m['prompt_tokens']:,}")
+    lines.append(f"({r['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Main benchmark.
 
 def run_bench(args):
+    targs = args.train
     rank, world, device = model_mod.init_distributed(args.threads)
-    policy, processor, max_pixels = load_policy(args, device)
-    model_mod.prepare_for_training(policy, freeze_vision=args.freeze_vision,
-                                   grad_checkpointing=args.grad_checkpointing)
+    if targs.batch_size % world:
+        raise SystemExit(f"--batch-size {targs.batch_size} is not a multiple of {world} ranks")
+    policy, processor = load_policy(args, device)
     ref = None
-    if args.kl > 0:
-        ref, _, _ = load_policy(args, device, torch.bfloat16 if args.bf16 else torch.float32)
-        ref.eval().requires_grad_(False)
-    wrapped = policy
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        wrapped = DDP(policy, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+    if targs.kl > 0:
+        ref, _ = load_policy(args, device, torch.bfloat16 if targs.bf16 else torch.float32)
+    wrapped = train.distribute(policy, ref, processor, targs, device, world)
     params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
-    records, images = bench_prompts(args.batch_size * world, max_pixels, args.seed, args.types)
-    records = records[rank * args.batch_size:(rank + 1) * args.batch_size]   # own questions per rank
-    images = images[rank * args.batch_size:(rank + 1) * args.batch_size]
-    torch.manual_seed(args.seed * 1000 + rank)
+    opt = torch.optim.AdamW(params, lr=targs.lr, weight_decay=targs.weight_decay, betas=(0.9, 0.999))
+    n = targs.batch_size // world
+    records, images = bench_prompts(targs.batch_size, targs.max_pixels, targs.seed, args.types)
+    records, images = records[rank * n:(rank + 1) * n], images[rank * n:(rank + 1) * n]   # own questions
+    torch.manual_seed(targs.seed * 1000 + rank)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
     steps, counts = [], []
     for i in range(args.warmup + args.steps):
-        t, c = grpo_step(policy, wrapped, ref, opt, processor, records, images, args, device, world)
+        t, c = grpo_step(policy, wrapped, ref, opt, processor, records, images, targs, device, world,
+                         old_logp=args.old_logp)
         if i >= args.warmup:
             steps.append(t)
             counts.append(c)
@@ -601,25 +1209,27 @@ def run_bench(args):
         dist.all_gather_object(gathered, result["step_s"])
         result["step_s_per_rank"] = gathered
     result["setup"] = {
-        "model": args.config or args.model, "layers": args.layers, "vision_layers": args.vision_layers,
+        "model": args.config or targs.model, "layers": args.layers, "vision_layers": args.vision_layers,
         "parameters": sum(p.numel() for p in policy.parameters()), "device": device,
-        "world_size": world, "torch_threads": torch.get_num_threads(), "group_size": args.group_size,
-        "batch_size_per_rank": args.batch_size, "micro_batch": args.micro_batch,
-        "max_new_tokens": args.max_new_tokens, "max_pixels": max_pixels, "kl": args.kl,
-        "ref_mode": args.ref_mode, "old_logp": args.old_logp, "bf16": args.bf16,
-        "grad_checkpointing": args.grad_checkpointing, "steps": args.steps, "warmup": args.warmup,
+        "world_size": world, "torch_threads": torch.get_num_threads(), "group_size": targs.group_size,
+        "batch_size_per_rank": n, "micro_batch": targs.micro_batch,
+        "max_new_tokens": targs.max_new_tokens, "max_pixels": targs.max_pixels, "kl": targs.kl,
+        "old_logp": args.old_logp, "bf16": targs.bf16, "fsdp": targs.fsdp,
+        "grad_checkpointing": targs.grad_checkpointing, "steps": args.steps, "warmup": args.warmup,
         "prompt_types": [r["type"] for r in records], "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
     }
     if args.reward_answers and rank == 0:
-        result.update(bench_reward(args.reward_answers, args.seed))
-    if world > 1:
-        dist.destroy_process_group()
+        result.update(bench_reward(args.reward_answers, targs.seed))
+    del wrapped
+    model_mod.close_distributed()
     return rank, result
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plan:
+        return plan_main(args)
     if args.vs_trl:
         rank, result = 0, vs_trl(args)
     else:
@@ -627,8 +1237,8 @@ def main(argv=None):
     if rank == 0:
         text = json.dumps(result, indent=2, ensure_ascii=False)
         print(text)
-        if args.out:
-            with open(args.out, "w", encoding="utf-8") as f:
+        if args.json_out:
+            with open(args.json_out, "w", encoding="utf-8") as f:
                 f.write(text + "\n")
 
 

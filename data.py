@@ -43,9 +43,14 @@ TEST_CITIES = ("auckland", "los_angeles", "miami", "lisboa", "geneva", "beijing"
                "budapest", "singapore", "rome", "toronto")
 MARKERS = (" (Transfer Station)", "（换乘站）", " (Branch-starting Station)", "（支线起始站）")
 TRANSFER_MARKERS = (" (Transfer Station)", "（换乘站）")
-# Qwen2.5-VL's vision tower works on 28x28 patches (14 px, 2x2 merge): 1280 of them is the usual
-# budget. load_image keeps the aspect ratio; the processor rounds to multiples of 28 itself.
+# Image budgets in pixels; Qwen2.5-VL spends one image token per 28x28 px (14 px patches, 2x2
+# merge). The paper fed maps at Qwen2.5-VL's processor default, PAPER_MAX_PIXELS (16384 tokens;
+# the 17 maps here give 576-16,356 image tokens there, median 13,225). Our default for real models
+# is MAX_PIXELS (<= 1280 tokens): a deviation, declared in the README with the memory and prompt
+# length each budget costs (bench.py --plan); train.py --max-pixels sets either. load_image keeps
+# the aspect ratio; the processor rounds to multiples of 28 itself.
 MAX_PIXELS = 1280 * 28 * 28
+PAPER_MAX_PIXELS = 16384 * 28 * 28
 HARD_PIXEL_CAP = 400_000_000  # refuse anything larger outright (the largest real map is 278 M)
 SEGMENT_KEYS = ("route_name", "departure_stop", "arrival_stop", "via_stops")
 CITY_NAMES = {"kl": "Kuala Lumpur", "xian": "Xi'an", "huhehaote": "Hohhot"}
@@ -853,10 +858,7 @@ def _figure_problem(path):
     if not os.path.isfile(path):
         return "file not found"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with _bomb_guard(path), Image.open(path) as im:
-                im.size  # header only: cheap even for the 278 M pixel map
+        image_size(path)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return f"not a readable image ({e})"
     return None
@@ -929,6 +931,26 @@ def _png_size(path):
     return None
 
 
+def image_size(path):
+    """(width, height) of an image file from its header: cheap even for the 278 M pixel map."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _bomb_guard(path), Image.open(path) as im:
+            return im.size
+
+
+def _scale(w, h, max_pixels):
+    if int(max_pixels) < 28 * 28:
+        raise ValueError(f"max_pixels={max_pixels} is below one 28x28 patch")
+    return min(1.0, math.sqrt(int(max_pixels) / (w * h)))
+
+
+def scaled_size(w, h, max_pixels):
+    """(width, height) that load_image gives a w x h image: at most max_pixels, aspect kept."""
+    scale = _scale(w, h, max_pixels)
+    return max(1, int(w * scale)), max(1, int(h * scale))
+
+
 def load_image(path, max_pixels=MAX_PIXELS):
     """Open any map (RGB, RGBA, palette, grey; up to HARD_PIXEL_CAP pixels) as an RGB image of at
     most max_pixels pixels, aspect ratio kept. Transparency is flattened onto white.
@@ -936,16 +958,13 @@ def load_image(path, max_pixels=MAX_PIXELS):
     Memory: the decoded file is held once (PNG cannot be decoded in part); it is reduced in bands
     of rows, so no second full-size copy (RGB conversion of a palette image, say) is ever made.
     Qwen2.5-VL wants sides in multiples of 28: its processor rounds the result itself."""
-    max_pixels = int(max_pixels)
-    if max_pixels < 28 * 28:
-        raise ValueError(f"max_pixels={max_pixels} is below one 28x28 patch")
+    _scale(1, 1, max_pixels)  # a bad budget fails before the file is read
     # the guard is lifted for this file only while it is decoded (crop() checks the limit too)
     with warnings.catch_warnings(), _bomb_guard(path):
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(path)
         w, h = im.size
-        scale = min(1.0, math.sqrt(max_pixels / (w * h)))
-        tw, th = max(1, int(w * scale)), max(1, int(h * scale))
+        (tw, th), scale = scaled_size(w, h, max_pixels), _scale(w, h, max_pixels)
         k = max(1, int(1 / scale) if scale < 1 else 1)  # integer pre-reduction, box filter
         while k > 1 and (w // k < tw or h // k < th):
             k -= 1

@@ -25,7 +25,7 @@ mkdir -p "$OUT"
 git describe --always --dirty > "$OUT/commit.txt" 2>/dev/null || true   # the code the numbers came from
 
 # Quick-start settings (train.py QUICK, with 1 epoch of 16 questions/type/city = 38 steps).
-TRAIN="--model tiny --lr 3e-3 --kl 0 --group-size 8 --batch-size 8 --micro-batch 8 \
+TRAIN="--model tiny --lr 3e-3 --kl 0 --group-size 8 --batch-size 8 --micro-batch 64 \
  --max-new-tokens 32 --temperature 1.0 --weight-decay 0 --grad-clip 1.0 --clip-eps 0.2 --epochs 1"
 DEFAULT="--curriculum rewardmap --alpha 0.5"
 

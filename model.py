@@ -218,13 +218,18 @@ def load(name_or_path, *, device="cpu", dtype=None, max_pixels=None, attn_implem
             name_or_path, local_files_only=True, **kwargs)
         processor = ImageProcessor.from_pretrained(name_or_path)
     processor.tokenizer.padding_side = "left"
-    if max_pixels:
-        processor.image_processor.size["longest_edge"] = int(max_pixels)
-        processor.image_processor.size["shortest_edge"] = min(
-            processor.image_processor.size["shortest_edge"], int(max_pixels))
+    set_max_pixels(processor, max_pixels)
     if dtype is not None:
         model.to(dtype)
     return model.to(device), processor
+
+
+def set_max_pixels(processor, max_pixels):
+    """The processor's image budget (None: keep its own)."""
+    if max_pixels:
+        size = processor.image_processor.size
+        size["longest_edge"] = int(max_pixels)
+        size["shortest_edge"] = min(size["shortest_edge"], int(max_pixels))
 
 
 def prepare_for_training(model, *, freeze_vision=False, grad_checkpointing=False):
@@ -324,6 +329,22 @@ def _unwrap(model):
     return getattr(model, "module", model)
 
 
+def shared_prefill(net, enc, k):
+    """Prefill each of the B prompts once (minus its last token) and repeat its KV cache and M-RoPE
+    offsets K times: (cache, the B*K input rows) from which HF samples one sequence per row.
+    The first half of _shared_prefill_generate; bench.py --plan traces it on its own."""
+    net.model.rope_deltas = None
+    # keep the last prompt token uncached: generate needs one input token to continue from
+    head = {key: (v[:, :-1] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+            for key, v in enc.items()}
+    cache = net(**head, use_cache=True, logits_to_keep=1).cache
+    cache.batch_repeat_interleave(k)
+    net.model.rope_deltas = net.model.rope_deltas.repeat_interleave(k, dim=0)
+    rows = {key: enc[key].repeat_interleave(k, dim=0)
+            for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
+    return cache, rows
+
+
 def _shared_prefill_generate(net, enc, gen):
     """HF generate with num_return_sequences=K, but the prompt is prefilled once per question.
 
@@ -335,18 +356,24 @@ def _shared_prefill_generate(net, enc, gen):
     docs/bench.md). Text-only batches take HF's own path: a prefill without an image would use 1-D
     positions that ignore the left padding.
     """
-    k = gen.num_return_sequences
-    net.model.rope_deltas = None
-    # keep the last prompt token uncached: generate needs one input token to continue from
-    head = {key: (v[:, :-1] if key in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
-            for key, v in enc.items()}
-    cache = net(**head, use_cache=True, logits_to_keep=1).cache
-    cache.batch_repeat_interleave(k)
-    net.model.rope_deltas = net.model.rope_deltas.repeat_interleave(k, dim=0)
+    cache, rows = shared_prefill(net, enc, gen.num_return_sequences)
     one = GenerationConfig.from_dict({**gen.to_dict(), "num_return_sequences": 1})
-    rows = {key: enc[key].repeat_interleave(k, dim=0)
-            for key in ("input_ids", "attention_mask", "mm_token_type_ids") if key in enc}
     return net.generate(**rows, cache=cache, generation_config=one)
+
+
+def sampling_config(processor, *, num_samples, max_new_tokens, greedy=False, temperature=1.0,
+                    with_logprobs=False):
+    """generate()'s GenerationConfig (see there)."""
+    suppress = _special_ids(processor, VISION_TOKENS)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
+        num_return_sequences=1 if greedy else num_samples,
+        temperature=None if greedy else temperature, top_k=None if greedy else 0,
+        top_p=None if greedy else 1.0, min_p=None,
+        repetition_penalty=1.0, suppress_tokens=suppress,
+        eos_token_id=_special_ids(processor, END_TOKENS), pad_token_id=processor.tokenizer.pad_token_id,
+        use_cache=True, output_scores=with_logprobs,
+        return_dict_in_generate=with_logprobs)
 
 
 @torch.no_grad()
@@ -367,15 +394,8 @@ def generate(model, processor, questions, images, *, num_samples=1, max_new_toke
     enc = {k: v.to(device) for k, v in enc.items()}
     end_ids = _special_ids(processor, END_TOKENS)
     pad_id = processor.tokenizer.pad_token_id
-    suppress = _special_ids(processor, VISION_TOKENS)
-    gen = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not greedy, num_beams=1,
-        num_return_sequences=1 if greedy else num_samples,
-        temperature=None if greedy else temperature, top_k=None if greedy else 0,
-        top_p=None if greedy else 1.0, min_p=None,
-        repetition_penalty=1.0, suppress_tokens=suppress, eos_token_id=end_ids,
-        pad_token_id=pad_id, use_cache=True, output_scores=with_logprobs,
-        return_dict_in_generate=with_logprobs)
+    gen = sampling_config(processor, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                          greedy=greedy, temperature=temperature, with_logprobs=with_logprobs)
     # Each image is preprocessed and encoded once (transformers 5 runs the vision tower before the
     # prefill); _shared_prefill also runs each prompt through the language model once, not K times.
     # token_logprobs likewise encodes each image once and shares the features among its K samples.
@@ -419,13 +439,21 @@ def generate(model, processor, questions, images, *, num_samples=1, max_new_toke
                    num_samples=k, input_ids=input_ids, attention_mask=attention_mask,
                    mm_token_type_ids=mm, completion_mask=completion_mask, prompt_len=P,
                    pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
-                   has_image=has_image, suppress_ids=suppress)
+                   has_image=has_image, suppress_ids=list(gen.suppress_tokens))
 
 
-def select(rollout, questions):
-    """The sub-rollout of the given question indices (for micro-batching the update)."""
-    k, qs = rollout.num_samples, list(questions)
-    rows = torch.tensor([q * k + j for q in qs for j in range(k)], dtype=torch.long)
+def select(rollout, rows):
+    """The sub-rollout of the given sample rows, for micro-batching the update. Rows are
+    question-major and must cover each of their questions equally (whole questions, or the same
+    number of samples of each): the result has that many samples per question, and each question's
+    image comes along once, so token_logprobs runs it through the vision tower once per micro-batch
+    and shares its features among that question's samples there."""
+    k, rows = rollout.num_samples, [int(r) for r in rows]
+    qs = list(dict.fromkeys(r // k for r in rows))
+    groups = [[r for r in rows if r // k == q] for q in qs]
+    per_q = len(groups[0])
+    if rows != sum(groups, []) or any(g != list(range(g[0], g[0] + per_q)) for g in groups):
+        raise ValueError(f"select: rows {rows} do not cover their questions equally (K={k})")
     pix = grid = None
     if rollout.image_grid_thw is not None and any(rollout.has_image[q] for q in qs):
         # image i of the batch belongs to the i-th question that has an image
@@ -435,18 +463,18 @@ def select(rollout, questions):
         keep = [img_index[q] for q in qs if rollout.has_image[q]]
         pix = torch.cat([rollout.pixel_values[starts[i]:starts[i + 1]] for i in keep])
         grid = rollout.image_grid_thw[keep]
+    idx = torch.tensor(rows, dtype=torch.long)
     # drop columns that are padding in every kept row so micro-batches stay short
-    am = rollout.attention_mask[rows]
+    am = rollout.attention_mask[idx]
     first = int(am[:, :rollout.prompt_len].any(dim=0).float().argmax())
-    T = int(rollout.completion_mask[rows].sum(dim=1).max())
+    T = int(rollout.completion_mask[idx].sum(dim=1).max())
     end = rollout.prompt_len + max(T, 1)
     return Rollout(
-        texts=[rollout.texts[i] for i in rows.tolist()],
-        truncated=[rollout.truncated[i] for i in rows.tolist()],
-        lengths=[rollout.lengths[i] for i in rows.tolist()], num_samples=k,
-        input_ids=rollout.input_ids[rows, first:end], attention_mask=am[:, first:end],
-        mm_token_type_ids=rollout.mm_token_type_ids[rows, first:end],
-        completion_mask=rollout.completion_mask[rows, :max(T, 1)],
+        texts=[rollout.texts[i] for i in rows], truncated=[rollout.truncated[i] for i in rows],
+        lengths=[rollout.lengths[i] for i in rows], num_samples=per_q,
+        input_ids=rollout.input_ids[idx, first:end], attention_mask=am[:, first:end],
+        mm_token_type_ids=rollout.mm_token_type_ids[idx, first:end],
+        completion_mask=rollout.completion_mask[idx, :max(T, 1)],
         prompt_len=rollout.prompt_len - first, pixel_values=pix, image_grid_thw=grid,
         has_image=[rollout.has_image[q] for q in qs], suppress_ids=rollout.suppress_ids)
 

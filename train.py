@@ -48,15 +48,16 @@ import model as model_mod
 import reward
 
 # §5.1 (and the release for what the paper does not state).
+# micro_batch (samples per forward/backward) is ours: the largest that bench.py --plan fits on 80 GB.
 PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
-             weight_decay=1e-2, epochs=1, micro_batch=1)
+             weight_decay=1e-2, epochs=1, micro_batch=4, max_pixels=data_mod.MAX_PIXELS)
 # CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
 # random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward), one
 # pass over 6 cities x 16 questions per type (38 steps). A second pass at this lr collapses: the
 # model answers \boxed{yes} to everything and every counting group ties.
 # Measured on 2 cores: see the README quick start for its wall time and metrics.
 QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
-             weight_decay=0.0, epochs=1, micro_batch=8)
+             weight_decay=0.0, epochs=1, micro_batch=64)
 QUICK_CITIES = 6
 QUICK_PER_TYPE = 16
 TYPES = reward.TYPES
@@ -72,7 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--synth-cities", type=int, default=QUICK_CITIES, help="cities when synthesising")
     p.add_argument("--synth-per-type", type=int, default=QUICK_PER_TYPE, help="questions per type per city")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help="image budget (default: the processor's own; maps are read at most this big)")
+                   help="image budget in pixels, 28x28 px per image token: maps are read and processed "
+                        f"at most this big (default {data_mod.MAX_PIXELS:,} for a real model; the "
+                        f"paper's Qwen2.5-VL processor budget is {data_mod.PAPER_MAX_PIXELS:,}; "
+                        "README: what each costs)")
     # algorithm (the paper's ablations)
     p.add_argument("--algo", choices=("grpo", "sft"), default="grpo",
                    help="sft: the SFT baseline on gold answers (Table 1's SFT -> RL comparison)")
@@ -93,13 +97,18 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=None, help="questions per global step")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="questions per forward/backward in the update (memory knob; same result)")
+                   help="samples per forward/backward in the update (memory knob, same result): a "
+                        "divisor or a multiple of --group-size")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many global steps (0: all)")
     p.add_argument("--seed", type=int, default=0)
     # systems
     p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPU)")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard per decoder layer (7B)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2: shard per decoder layer and vision block (3B and 7B on GPUs)")
+    p.add_argument("--offload", action="store_true",
+                   help="with --fsdp: fp32 master shards, their gradients and AdamW state in CPU "
+                        "memory (FSDP2 CPUOffloadPolicy), for 24-48 GB cards")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only")
     # checkpoints and logs
@@ -118,6 +127,11 @@ def parse_args(argv=None):
             p.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.algo == "grpo" and args.group_size < 2:
         p.error("--group-size must be >= 2 for GRPO (a group of one has no relative advantage)")
+    k = args.group_size if args.algo == "grpo" else 1
+    if args.micro_batch % k and k % args.micro_batch:
+        p.error(f"--micro-batch {args.micro_batch} must divide or be a multiple of --group-size {k}")
+    if args.offload and not args.fsdp:
+        p.error("--offload needs --fsdp (FSDP2's CPU offload)")
     return args
 
 
@@ -184,37 +198,57 @@ def build(args, device, world, init_from):
     # --bf16 computes in bf16 (autocast under DDP, MixedPrecisionPolicy under FSDP2).
     policy, processor = model_mod.load(init_from, device=device, dtype=torch.float32,
                                        max_pixels=args.max_pixels)
-    model_mod.prepare_for_training(policy, freeze_vision=args.freeze_vision,
-                                   grad_checkpointing=args.grad_checkpointing)
     ref = None
     if args.kl > 0 and args.algo == "grpo":   # a reference model only when the KL term is on
         # the reference is the initial model (also on --resume), never updated: bf16 is enough
         ref, _ = model_mod.load(args.model, device=device, max_pixels=args.max_pixels,
                                 dtype=torch.bfloat16 if args.bf16 else torch.float32)
+    return policy, distribute(policy, ref, processor, args, device, world), processor, ref
+
+
+def distribute(policy, ref, processor, args, device, world):
+    """Training setup of the loaded models, then the wrapper that syncs gradients: FSDP2 shards
+    policy and reference in place (returns the policy), DDP wraps the policy (returns the wrapper).
+    bench.py --plan runs this on its own Qwen-shaped models."""
+    model_mod.prepare_for_training(policy, freeze_vision=args.freeze_vision,
+                                   grad_checkpointing=args.grad_checkpointing)
+    if ref is not None:
         ref.eval().requires_grad_(False)
-    wrapped = policy
     if args.fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if args.bf16 else MixedPrecisionPolicy()
-        for layer in policy.model.language_model.layers:
-            fully_shard(layer, mp_policy=mp)
-        for block in policy.model.visual.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(policy, mp_policy=mp)
-        # FSDP2 initialises from the first root forward; gathered() calls unshard() on children
-        # before any, so run one text-only token through the root now (same on every rank).
-        with torch.no_grad():
-            policy(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=device))
-        fsdp_reshard(policy)   # else the optimizer below would collect the root's gathered copies
+        fsdp_shard(policy, processor, args, device)
         if ref is not None:
-            for layer in ref.model.language_model.layers:
-                fully_shard(layer, mp_policy=mp)
-            fully_shard(ref, mp_policy=mp)
-    elif world > 1:
+            fsdp_shard(ref, processor, args, device)
+            # The root group (embeddings, head) of a forward-only model would otherwise stay
+            # gathered from its first forward on (FSDP2 keeps the root's after forward).
+            ref.set_reshard_after_forward(True)
+        return policy
+    if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        wrapped = DDP(policy, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    return policy, wrapped, processor, ref
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets instead
+        # of a second full copy of them (bench.py --plan)
+        ids = [torch.device(device).index] if device.startswith("cuda") else None
+        return DDP(policy, device_ids=ids, gradient_as_bucket_view=True)
+    return policy
+
+
+def fsdp_shard(net, processor, args, device):
+    """FSDP2: a unit per decoder layer, per vision block and for the vision tower (token_logprobs
+    encodes each image once, outside the root forward, and shares its features among the K
+    samples), then the root. --offload keeps the fp32 shards, their gradients and the AdamW state
+    in CPU memory."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if args.bf16 else MixedPrecisionPolicy())
+    if args.offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for unit in [*net.model.language_model.layers, *net.model.visual.blocks, net.model.visual]:
+        fully_shard(unit, **kw)
+    fully_shard(net, **kw)
+    # FSDP2 initialises from the first root forward; gathered() calls unshard() on children
+    # before any, so run one text-only token through the root now (same on every rank).
+    with torch.no_grad():
+        net(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=device))
+    fsdp_reshard(net)   # else the optimizer would collect the root's gathered copies
 
 
 def fsdp_reshard(policy):
@@ -351,26 +385,28 @@ def autocast(args, device):
     return model_mod.autocast(device, args.bf16 and not args.fsdp)
 
 
-def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_now=False):
-    """Teacher-forced log-probs -> GRPO (or SFT) loss -> backward, in micro-batches of questions.
+def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_now=False, phase=None):
+    """Teacher-forced log-probs -> GRPO (or SFT) loss -> backward, in micro-batches of
+    --micro-batch samples (whole questions, or an equal part of each: model.select).
 
     The loss is the token-mean over the whole global batch: each micro-batch's token sum is divided
     by the global token count / world (DDP averages over ranks), so micro-batching and the number
-    of ranks change nothing but memory."""
-    n_q = len(rollout.has_image)
+    of ranks change nothing but memory. phase(name), when given, is a context manager entered
+    around "policy_fwd", "ref_fwd" and "backward" (bench.py times them, bench.py --plan follows
+    memory by them)."""
+    phase = phase or (lambda name: nullcontext())
+    n = rollout.input_ids.shape[0]
     local_tokens = float(rollout.completion_mask.sum())
     denom = max(all_sum(local_tokens, world, device) / world, 1.0)
-    chunks = [list(range(i, min(i + args.micro_batch, n_q))) for i in range(0, n_q, args.micro_batch)]
+    chunks = [range(i, min(i + args.micro_batch, n)) for i in range(0, n, args.micro_batch)]
     stats_sum, loss_sum = {}, 0.0
-    k = rollout.num_samples
-    for j, qs in enumerate(chunks):
-        sub = model_mod.select(rollout, qs)
+    for j, rows in enumerate(chunks):
+        sub = model_mod.select(rollout, rows)
         last = j == len(chunks) - 1
         sync = nullcontext() if last or not hasattr(wrapped, "no_sync") else wrapped.no_sync()
-        share = not args.fsdp
         with sync, autocast(args, device):
-            logp = model_mod.token_logprobs(wrapped, sub, temperature=args.temperature,
-                                            share_image_features=share)
+            with phase("policy_fwd"):
+                logp = model_mod.token_logprobs(wrapped, sub, temperature=args.temperature)
             mask = sub.completion_mask.to(device)
             if args.algo == "sft":
                 loss = -(logp * mask).sum() / denom
@@ -378,17 +414,17 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
             else:
                 ref_logp = None
                 if ref is not None:
-                    with torch.no_grad():
-                        ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature,
-                                                            share_image_features=share)
-                adv = advantages[[q * k + s for q in qs for s in range(k)]].to(device)
+                    with phase("ref_fwd"), torch.no_grad():
+                        ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature)
+                adv = advantages[rows.start:rows.stop].to(device)
                 loss, st = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask,
                                           clip_eps=args.clip_eps, kl_coef=args.kl, num_tokens=denom)
             if sub.pixel_values is None:
                 loss = loss + model_mod.vision_touch(policy)
             if nan_now:
                 loss = loss * float("nan")
-            loss.backward()
+            with phase("backward"):
+                loss.backward()
         loss_sum += float(loss.detach())
         w = st.get("tokens", 0.0)
         for key, v in st.items():
@@ -396,6 +432,20 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
     tok = max(stats_sum.get("tokens", 0.0), 1.0)
     stats = {key: (v if key == "tokens" else v / tok) for key, v in stats_sum.items()}
     return loss_sum, stats
+
+
+def optimizer_step(opt, params, loss, args, world, device):
+    """Grad-norm clip and AdamW step, then the gradients are freed at once (not kept through the
+    next rollout). Grads are all-reduced, so a non-finite norm is seen by every rank alike; the
+    loss flag is summed as well, so all ranks skip together (a lone skip would desync DDP).
+    Returns (grad norm, skipped)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    bad = all_sum(0.0 if math.isfinite(loss) else 1.0, world, device) > 0 or not math.isfinite(norm)
+    if not bad:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return norm, bad
 
 
 def teacher_rollout(processor, questions, images, targets):
@@ -532,19 +582,11 @@ def main(argv=None):
         adv = grpo.group_advantages(rewards, k, scale=args.adv_scale) if args.algo == "grpo" \
             else torch.zeros_like(rewards)
         t2 = time.time()
-        opt.zero_grad(set_to_none=True)
         loss, stats = update(wrapped, policy, ref, rollout, adv, args, world, device,
                              nan_now=step + 1 == args.inject_nan_at)
-        # Grads are all-reduced, so a non-finite norm is seen by every rank alike; the loss flag
-        # is summed as well, so all ranks skip together (a lone skip would desync DDP).
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        bad = all_sum(0.0 if math.isfinite(loss) else 1.0, world, device) > 0 or not math.isfinite(norm)
+        norm, bad = optimizer_step(opt, params, loss, args, world, device)
         if bad:
             warnings.warn(f"step {step + 1}: non-finite loss/grad-norm ({loss}, {norm}); step skipped")
-            opt.zero_grad(set_to_none=True)
-        else:
-            opt.step()
         t3 = time.time()
         all_scores = [s for part in all_gather(scores, world) for s in part]
         times = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0}
