@@ -1414,6 +1414,78 @@ def test_train_logprobs_match_sampler():
         assert float((model.token_logprobs(m, ro2) - ro2.sample_logprobs).abs().max()) <= 1e-5
 
 
+
+def _full_vocab_logprobs(m, ro, temperature=1.0):
+    """The log-prob path before chunking, written out independently: the model's own head on
+    every position, [rows, T, V] logits in fp32, log-softmax, gather (pixels repeated K times)."""
+    import torch.nn.functional as F
+    k, grid = ro.num_samples, ro.image_grid_thw
+    pix = torch.split(ro.pixel_values, grid.prod(1).tolist())
+    logits = m(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+               mm_token_type_ids=ro.mm_token_type_ids, use_cache=False,
+               pixel_values=torch.cat([c for c in pix for _ in range(k)]),
+               image_grid_thw=grid.repeat_interleave(k, 0),
+               logits_to_keep=ro.completion_mask.shape[1] + 1).logits[:, :-1].float() / temperature
+    logits[..., ro.suppress_ids] = float("-inf")
+    lp = torch.gather(F.log_softmax(logits, -1), 2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return lp * ro.completion_mask
+
+
+def test_train_logprobs_chunked_equal_full_vocab_and_never_build_it():
+    """model.token_logprobs applies the head in recomputed chunks: values and gradients equal the
+    full-vocabulary path (fp32: 1e-6; bf16 autocast: 2e-2, the size of bf16's own error against
+    fp32, measured 1.9 %), and no tensor wider than one chunk of vocabulary rows ever exists."""
+    import model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    m, p = model.build_tiny()
+    V = m.lm_head.weight.shape[0]
+    torch.manual_seed(1)
+    ro = model.generate(m, p, ["Is Stop A on Line 1?", "Plan a route from X to Y."], _images()[:2],
+                        num_samples=3, max_new_tokens=20)
+    n_tok = int(ro.completion_mask.sum())
+    per_chunk = 7
+    assert n_tok > 3 * per_chunk                    # several chunks, one of them ragged
+
+    class WidestVocabTensor(TorchDispatchMode):      # elements of the largest [..., V] output
+        widest = 0                                   # (the head's weight, [V, H] or [H, V], aside)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dim() and t.shape[-1] == V \
+                        and t.numel() != m.lm_head.weight.numel():
+                    self.widest = max(self.widest, t.numel())
+            return out
+
+    w = torch.randn(ro.completion_mask.shape)
+
+    def run(fn, bf16):
+        m.zero_grad()
+        with model.autocast("cpu", bf16):
+            lp = fn()
+        (lp * w).sum().backward()
+        return lp.detach(), {n: q.grad.clone() for n, q in m.named_parameters()}
+
+    for bf16, tol in ((False, 1e-6), (True, 2e-2)):
+        for temperature in (1.0, 0.7):
+            ref, ref_g = run(lambda: _full_vocab_logprobs(m, ro, temperature), bf16)
+            with WidestVocabTensor() as probe:
+                new, new_g = run(lambda: model.token_logprobs(
+                    m, ro, temperature=temperature, chunk_bytes=4 * V * per_chunk), bf16)
+            assert float((new - ref).abs().max()) <= tol, (bf16, temperature)
+            for name, g in ref_g.items():
+                err = float((new_g[name] - g).norm() / g.norm().clamp_min(1e-12))
+                assert err <= (2e-6 if not bf16 else tol), (bf16, name, err)
+            assert probe.widest == per_chunk * V     # the full path has rows x T x V
+            assert ro.completion_mask.numel() * V > 10 * probe.widest
+    # No completion token at all (grpo_loss's 0 * sum case): backward still reaches every
+    # parameter, as DDP needs.
+    empty = model.select(ro, [0])
+    empty.completion_mask = torch.zeros_like(empty.completion_mask)
+    m.zero_grad()
+    model.token_logprobs(m, empty).sum().mul(0.0).backward()
+    assert all(q.grad is not None and not q.grad.any() for q in m.parameters())
+
 def test_train_sampler_masks_and_stops():
     import torch
     import model
