@@ -121,9 +121,10 @@ def lines_through(metro, stop):
     return [line for line, stops in metro.items() if n in {normalize_stop(s) for s in stops}]
 
 
-def stops_between(metro, line, s1, s2):
-    """Intermediate stops between s1 and s2 riding `line` (fewest, if a loop or a repeated name
-    gives a choice). ValueError if the line is unknown or does not serve both stops."""
+def _ride(metro, line, s1, s2):
+    """Intermediate stops (as written in `metro`) riding `line` from s1 to s2: the fewest, if a
+    loop or a repeated name gives a choice. ValueError if the line is unknown or does not serve
+    both stops."""
     if line not in metro:
         raise ValueError(f"unknown line {line!r}")
     names, loop = _line_stops(metro[line])
@@ -132,17 +133,28 @@ def stops_between(metro, line, s1, s2):
     pb = [i for i, n in enumerate(names) if n == b]
     if not pa or not pb:
         raise ValueError(f"line {line!r} does not serve both {s1!r} and {s2!r}")
-    best = None
+    k, best = len(names), None
     for i in pa:
         for j in pb:
-            d = abs(i - j)
-            if loop:
-                d = min(d, len(names) - d)
-            if d > 0:
-                best = d - 1 if best is None else min(best, d - 1)
+            if i == j:
+                continue
+            if loop:   # either way round
+                ahead = (j - i) % k
+                path = ([(i + t) % k for t in range(1, ahead)] if ahead <= k - ahead
+                        else [(i - t) % k for t in range(1, k - ahead)])
+            else:
+                path = list(range(i + 1, j)) if i < j else list(range(i - 1, j, -1))
+            if best is None or len(path) < len(best):
+                best = path
     if best is None:
         raise ValueError(f"{s1!r} and {s2!r} are the same stop")
-    return best
+    return [metro[line][p] for p in best]
+
+
+def stops_between(metro, line, s1, s2):
+    """Intermediate stops between s1 and s2 riding `line` (fewest, if a loop or a repeated name
+    gives a choice). ValueError if the line is unknown or does not serve both stops."""
+    return len(_ride(metro, line, s1, s2))
 
 
 def city_difficulty(metro):
