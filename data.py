@@ -1290,7 +1290,7 @@ def _release_line(question, metro, city, s1):
     return found.pop()
 
 
-def release_template(question):
+def _release_template(question):
     """Which planning template a question uses (RM App. A.1; the release marks none):
     'Number of Via Stops' -> long1, 'Via Stops' -> long2, else short."""
     text = question.lower()
@@ -1520,7 +1520,7 @@ def _plus_records(row, figure, rid, run, note, base):
                 raise _Lost("no route between station_1 and station_2 in the Metro Data")
         if qtc is None:
             kw["qtc"] = min(len(route) for route in kw["routes"]) - 1
-        kw["template"] = release_template(question)
+        kw["template"] = _release_template(question)
     return [_release_record(kind, rid, question, answer, row, run, place, **kw)]
 
 

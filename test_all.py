@@ -477,11 +477,12 @@ PLUS_ROWS = [   # (row, expected answer, options, line, station_2)
 ]
 
 
-def _saved_train(folder, rows):
+def _saved_train(folder, rows, dataset_dict=True):
     """A datasets save_to_disk folder: dataset_dict.json, train/ with two Arrow IPC stream shards,
-    state.json listing them and dataset_info.json (what utils/download_dataset.py leaves)."""
+    state.json listing them and dataset_info.json (what utils/download_dataset.py leaves); or,
+    saved from a Dataset rather than a DatasetDict, the split's files at the top."""
     import pyarrow as pa
-    split = os.path.join(folder, "train")
+    split = os.path.join(folder, "train") if dataset_dict else folder
     os.makedirs(split)
     table = pa.Table.from_pylist(rows)
     names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
@@ -490,8 +491,9 @@ def _saved_train(folder, rows):
         with pa.OSFile(os.path.join(split, name), "wb") as sink, \
                 pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(part)
-    with open(os.path.join(folder, "dataset_dict.json"), "w") as f:
-        json.dump({"splits": ["train"]}, f)
+    if dataset_dict:
+        with open(os.path.join(folder, "dataset_dict.json"), "w") as f:
+            json.dump({"splits": ["train"]}, f)
     with open(os.path.join(split, "state.json"), "w") as f:
         json.dump({"_data_files": [{"filename": n} for n in names], "_split": "train",
                    "_fingerprint": "0", "_format_type": None}, f)
@@ -698,6 +700,43 @@ def test_data_release_saved_train_and_base64_reasonmap():
     assert "1 x reference route name matches no Metro Data line (kept as written)" in text
     assert "planning=6 (short=3 long1=2 long2=1)" in text and "3 rows, 6 records" in text
 
+
+def test_data_release_hub_shards_image_bytes_arrow_map_and_plain_dataset():
+    """The other readings: hub-style Parquet shards (one split), figures as image bytes and as
+    datasets' Image struct, json as an Arrow map and as an object (Dalian is not in --stations),
+    and a folder saved from a single Dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = _need_release()
+    dalian = _stations(root, "china/dalian")["china/dalian"]
+    rows = [dict(_plus_row("TorF1", 1, "china/dalian", "Are 姚家站 and 华北路站 on the same line?",
+                           "姚家站", "华北路站"), figure=_png("green"), json=list(dalian.items())),
+            dict(_plus_row("TorF1", 0, "china/dalian", "Are 姚家站 and 海之韵站 on the same line?",
+                           "姚家站", "海之韵站"), figure=_png("green"), json=list(dalian.items()))]
+    metro_type = pa.map_(pa.string(), pa.list_(pa.string()))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        hub = os.path.join(tmp, "hub", "data")
+        os.makedirs(hub)
+        for k, row in enumerate(rows):
+            table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "json"}])
+            table = table.append_column("json", pa.array([row["json"]], metro_type))
+            pq.write_table(table, os.path.join(hub, f"train-0000{k}-of-00002.parquet"))
+        plain = os.path.join(tmp, "Plain")
+        _saved_train(plain, [dict(r, figure={"bytes": _png("green"), "path": None}, json=dalian)
+                             for r in rows], dataset_dict=False)
+        paths.update(hub=os.path.dirname(hub), plain=plain)
+        _, text = _release(paths, "hub", "plain")
+        hub_recs = data.load_records(os.path.join(paths["out"], "train.jsonl"))
+        plain_recs = data.load_records(os.path.join(paths["out"], "Plain-train.jsonl"))
+        written = open(os.path.join(paths["out"], "maps", "china", "dalian.png"), "rb").read()
+    assert [r["id"] for r in hub_recs] == ["hub/train/0", "hub/train/1"]
+    assert [r["id"] for r in plain_recs] == ["Plain/train/0", "Plain/train/1"]
+    for recs in (hub_recs, plain_recs):
+        assert [r["answer"] for r in recs] == ["yes", "no"]
+        assert all(r["metro"] == data.load_metro(os.path.join(root, "stations", "china", "dalian.json"))
+                   and r["figure"] == "maps/china/dalian.png" for r in recs)
+    assert written == _png("green") and "2 rows, 2 records" in text
 
 def test_data_release_bad_files_name_file_and_column():
     from unittest import mock
