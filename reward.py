@@ -49,6 +49,62 @@ def normalize_line(name):
     return _LINE_SUFFIX.sub("", text) or text
 
 
+# ReasonMap's reference routes name lines as the map services do (RM §3: Gaode in China, Google
+# elsewhere). Its evaluator (main.py) maps them per city with a chain of regexes; here one set of
+# rules does it for every city, plus the names no rule can derive (from that evaluator).
+SERVICE_LINE_ALIASES = {
+    "beijing": {"八通线": "Line 1", "大兴线": "Line 4"},     # through-running extensions
+    "kl": {"KTM Batu Caves - Pulau Sebang/Tampin": "Line 1",
+           "KTM Tanjung Malim - Pelabuhan Klang": "Line 2", "Ampang Line": "Line 3",
+           "LRT Sri Petaling Line": "Line 4", "LRT Kelana Jaya Line": "Line 5",
+           "MRT Kajang Line": "Line 9", "MRT Putrajaya Line": "Line 12"},
+}
+# "-es"/"-as" end Budapest's "M1-es metróvonal"; _base has already split them off.
+_SERVICE_WORDS = {"metro", "metrorail", "subway", "linea", "line", "route", "train", "mrt", "lrt",
+                  "ktm", "metróvonal", "es", "as"}
+_SERVICE_CJK = re.compile(r"^(?:地铁|轨道交通)|(?:号线|线)$")
+_TRAILING_NUMBER = re.compile(r"(?<=[^\W\d_])\d+$")
+
+
+def _service_key(name):
+    return _SERVICE_CJK.sub("", "".join(w for w in _base(name).split() if w not in _SERVICE_WORDS))
+
+
+def _abbreviates(short, word):
+    """'sth' -> 'southern', 'grn' -> 'green': same first letter, the rest in order."""
+    if len(short) < 2 or short == word or short[0] != word[:1]:
+        return False
+    rest = iter(word)
+    return all(ch in rest for ch in short)
+
+
+def service_line(name, lines, city=None):
+    """The Metro Data line (one of `lines`) that a map service's route name means, or None.
+
+    '地铁5号线(后关--虎滩新区)' -> 'Line 5', '地铁昌平线(…)' -> '昌平线', 'Metro A Line' /
+    'Metro B-Line' -> 'Line A' / 'Line B', 'Linea C' -> 'Line C', 'B1' (Rome) -> 'Line B',
+    'M1-es metróvonal' -> 'Line 1' (Budapest) but 'M1' -> 'Line M1' (Sydney), 'MRed2' -> 'Red Line',
+    'MGrn' -> 'Green Line', 'Sth' -> 'Southern Line', '5 Train' -> '5', '12' -> 'Line 12'.
+    Rules are tried in that order of boldness; a rule counts only if exactly one line fits."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        return None
+    key = _service_key(name)
+    for alias, line in SERVICE_LINE_ALIASES.get(city, {}).items():
+        if line in lines and _service_key(alias) == key:
+            return line
+    keys = {line: {normalize_line(line), _service_key(line)} for line in lines}
+    tries = [normalize_line(name), key]
+    if key[:1] == "m":
+        tries.append(key[1:])                             # M1 (Budapest), MRed2 (Dubai)
+    tries += [_TRAILING_NUMBER.sub("", t) for t in tries]   # B1 (Rome's branch), Red2
+    for fits in (lambda t, k: t == k, _abbreviates):
+        for t in tries:
+            hits = [line for line in lines if t and any(fits(t, k) for k in keys[line])]
+            if len(hits) == 1:
+                return hits[0]
+    return None
+
+
 # Model text can put megabytes into one field. No stop or line name is this long, so such a field
 # matches nothing (except the very same text elsewhere in the answer), and it never reaches the
 # lru caches above. "\0" cannot occur in a normalised name (_NOT_WORD turns it into a space).

@@ -412,6 +412,413 @@ def test_data_real_build_split_and_answers():
         assert ny and not any("125 St" in (r["station_1"], r["station_2"]) for r in ny)
 
 
+# ---------------------------------------------------------------------------------------------
+# data.py release: the authors' released files, as fixtures written here in their formats
+# (Parquet with their columns, a datasets save_to_disk folder, base64 maps) on real Metro Data
+
+def _need_release():
+    root = need_reasonmap()
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        skip("pyarrow is absent (an optional extra: pip install pyarrow)")
+    return root
+
+
+def _stations(root, *cities):
+    return {c: json.load(open(os.path.join(root, "stations", c + ".json"), encoding="utf-8"))
+            for c in cities}
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+
+
+def _plus_row(type_, answer, city, question, s1=None, s2=None, difficulty="middle"):
+    country, name = city.split("/")
+    return {"question": question, "answer": answer, "type": type_, "figure": f"./maps/{city}.png",
+            "country": country, "city": name, "station_1": s1, "station_2": s2,
+            "difficulty_city": difficulty, "city_line_count": 3, "city_transfer_count": 7,
+            "question_transfer_count": -1, "json": f"./stations/{city}.json", "__index_level_0__": 0}
+
+
+PLUS_ROWS = [   # (row, expected answer, options, line, station_2)
+    (_plus_row("TorF1", 1, "united_arab_emirates/dubai", "Are Danube Station and Energy Station on "
+               "the same line? Answer yes or no in \\boxed{}.", "Danube Station", "Energy Station"),
+     "yes", None, None, "Energy Station"),
+    (_plus_row("TorF1", 0, "united_arab_emirates/dubai", "Are Creek Station and Max Station on the "
+               "same line?", "Creek Station", "Max Station"), "no", None, None, "Max Station"),
+    (_plus_row("TorF2", 1, "malaysia/kl", "Is Kwasa Damansara Station a stop of Line 12? \\boxed{}",
+               "Kwasa Damansara Station"), "yes", None, "Line 12", None),
+    (_plus_row("TorF2", 0, "singapore/singapore", "Is Tuas Link Station on the North East Line?",
+               "Tuas Link Station (Transfer Station)"), "no", None, "North East Line", None),
+    (_plus_row("TorF2", 1, "malaysia/kl", "Is Putra Station on this line?", "Putra Station",
+               "Line 1"), "yes", None, "Line 1", None),
+    # the authors' own example (RewardMap README): 0-3 index the options, B = 1
+    (_plus_row("Counting1", 1, "united_arab_emirates/dubai", "Please solve the multiple choice "
+               "problem and put your answer (one of ABCD) in one \"\\boxed{}\". According to the "
+               "subway map, how many intermediate stops are there between Danube Station and lbn "
+               "Battuta Station (except for this two stops)? \nA) 8 \nB) 1 \nC) 25 \nD) 12 \n",
+               "Danube Station", "lbn Battuta Station"), "B", [8, 1, 25, 12], None,
+     "lbn Battuta Station"),
+    (_plus_row("Counting2", 2, "hungary/budapest", "How many lines pass through Deák Ferenc tér "
+               "Station?", "Deák Ferenc tér Station"), 2, None, None, None),
+    (_plus_row("counting3", 3, "italy/rome", "How many lines are there on the map?"), 3, None,
+     None, None),
+]
+
+
+def _saved_train(folder, rows, dataset_dict=True):
+    """A datasets save_to_disk folder: dataset_dict.json, train/ with two Arrow IPC stream shards,
+    state.json listing them and dataset_info.json (what utils/download_dataset.py leaves); or,
+    saved from a Dataset rather than a DatasetDict, the split's files at the top."""
+    import pyarrow as pa
+    split = os.path.join(folder, "train") if dataset_dict else folder
+    os.makedirs(split)
+    table = pa.Table.from_pylist(rows)
+    names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    half = len(rows) // 2
+    for name, part in zip(names, (table.slice(0, half), table.slice(half))):
+        with pa.OSFile(os.path.join(split, name), "wb") as sink, \
+                pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(part)
+    if dataset_dict:
+        with open(os.path.join(folder, "dataset_dict.json"), "w") as f:
+            json.dump({"splits": ["train"]}, f)
+    with open(os.path.join(split, "state.json"), "w") as f:
+        json.dump({"_data_files": [{"filename": n} for n in names], "_split": "train",
+                   "_fingerprint": "0", "_format_type": None}, f)
+    with open(os.path.join(split, "dataset_info.json"), "w") as f:
+        json.dump({"features": {}, "splits": {"train": {"num_examples": len(rows)}}}, f)
+
+
+_PLAN_HEAD = "Plan a route from {} to {}. Use this format, sections separated by --:\n"
+_FIELDS = "Route Name: ...\nDeparture Stop: ...\nArrival Stop: ...\n"
+
+
+def _train_rows():
+    oslo = ("Frognerseteren Station", "Holmenkollen Station")
+    rows = [(_plus_row("TorF1", 1, "norway/oslo", "Are Frognerseteren Station and Skogen Station "
+                       "on the same line?", "Frognerseteren Station", "Skogen Station"), "yes"),
+            (_plus_row("TorF2", 1, "switzerland/geneva", "Is Cirque Station on Line 15?",
+                       "Cirque Station"), "yes"),
+            (_plus_row("Counting3", 2, "america/miami", "How many lines are on this map?"), 2)]
+    for template, extra, qtc in (("short", "", 0), ("long1", "Number of Via Stops: ...\n", -1),
+                                 ("long2", "Via Stops: ...\n", 0)):
+        row = _plus_row("planning", -1, "norway/oslo", _PLAN_HEAD.format(*oslo) + _FIELDS + extra, *oslo)
+        row["question_transfer_count"] = qtc
+        rows.append((row, template))
+    return rows
+
+
+def _rm_row(city, s1, s2, routes, long_extra, metro, figure, qtc=None, level="easy"):
+    country, name = city.split("/")
+    return {"question_short": _PLAN_HEAD.format(s1, s2) + _FIELDS,
+            "question_long": _PLAN_HEAD.format(s1, s2) + _FIELDS + long_extra,
+            "station_1": s1, "station_2": s2, "country": country, "city": name,
+            "difficulty_city": level, "difficulty_question": "easy", "city_line_count": 3,
+            "city_transfer_count": 1, "question_transfer_count": qtc, "routes": routes,
+            "json": metro, "figure": figure}
+
+
+def _release_fixture(tmp, root):
+    """Plus test Parquet, ReasonMap-Train save_to_disk folder, ReasonMap Parquet with base64 maps
+    (json as objects: Arrow makes a struct of every city's lines, null where absent), a second
+    ReasonMap file with json and routes as JSON text. Dalian is left out of --stations."""
+    import base64
+    stations = os.path.join(tmp, "stations")
+    for city in ("united_arab_emirates/dubai", "malaysia/kl", "singapore/singapore",
+                 "hungary/budapest", "italy/rome", "norway/oslo", "switzerland/geneva",
+                 "america/miami", "china/hangzhou"):
+        os.makedirs(os.path.join(stations, os.path.dirname(city)), exist_ok=True)
+        with open(os.path.join(stations, city + ".json"), "w", encoding="utf-8") as f:
+            json.dump(_stations(root, city)[city], f, ensure_ascii=False)
+    metro = _stations(root, "china/dalian", "italy/rome")
+    rome_b64, dalian_b64 = (base64.b64encode(_png(c)).decode() for c in ("red", "blue"))
+    via5 = ["虎滩公园", "秀月街", "桃源", "青云街", "石葵路"]
+    rows = [
+        _rm_row("china/dalian", "虎滩新区站", "劳动公园站",
+                {"route_1": [{"route_name": "地铁5号线(后关--虎滩新区)", "departure_stop": "虎滩新区",
+                              "arrival_stop": "劳动公园", "via_stops": via5, "num_via_stops": 5}],
+                 "route_2": None},
+                "Number of Via Stops: ...\n", metro["china/dalian"], dalian_b64, qtc=0),
+        _rm_row("italy/rome", "Battistini Station", "Colosseo Station",
+                {"route_1": [{"route_name": "Linea A", "departure_stop": "Battistini",
+                              "arrival_stop": "Termini", "via_stops": [], "num_via_stops": 10},
+                             {"route_name": "B1", "departure_stop": "Termini",
+                              "arrival_stop": "Colosseo", "via_stops": [], "num_via_stops": 1}],
+                 "route_2": [{"route_name": "Tram 8", "departure_stop": "Battistini",
+                              "arrival_stop": "Colosseo", "via_stops": [], "num_via_stops": 3}]},
+                "Via Stops: ...\n", metro["italy/rome"], rome_b64, qtc=1, level="middle"),
+        _rm_row("italy/rome", "Cipro Station", "Lepanto Station",
+                {"route_1": [{"route_name": "Metro A", "departure_stop": "Cipro",
+                              "arrival_stop": "Lepanto", "via_stops": [], "num_via_stops": 1}],
+                 "route_2": None},
+                "Number of Via Stops: ...\n", metro["italy/rome"], rome_b64, level="middle"),
+    ]
+    paths = {"plus": os.path.join(tmp, "ReasonMap-Plus", "data", "test.parquet"),
+             "train": os.path.join(tmp, "ReasonMap-Train"),
+             "rm": os.path.join(tmp, "ReasonMap", "data", "reasonmap-1008-validation.parquet"),
+             "rm_text": os.path.join(tmp, "ReasonMap", "data", "reasonmap-1008-train.parquet"),
+             "stations": stations, "maps": os.path.join(root, "maps"), "out": os.path.join(tmp, "out")}
+    _parquet(paths["plus"], [r for r, *_ in PLUS_ROWS])
+    _saved_train(paths["train"], [r for r, _ in _train_rows()])
+    _parquet(paths["rm"], rows)
+    text_row = dict(rows[0], json=json.dumps(metro["china/dalian"], ensure_ascii=False),
+                    routes=json.dumps([rows[0]["routes"]["route_1"]], ensure_ascii=False),
+                    figure="data:image/png;base64," + dalian_b64)
+    _parquet(paths["rm_text"], [text_row])
+    return paths
+
+
+def _release(paths, *keys, **kw):
+    lines = []
+    out = data.release([paths[k] for k in keys], paths["maps"], paths["stations"], paths["out"],
+                       report=lambda s: lines.append(data.release_report(s)), **kw)
+    return out, "\n".join(lines)
+
+
+def test_data_release_service_line_names():
+    """Map services' route names (ReasonMap's references) -> Metro Data lines, on the real data;
+    the cases are the ones ReasonMap's main.py lists city by city."""
+    root = need_reasonmap()
+    cases = {"china/dalian": {"地铁5号线(后关--虎滩新区)": "Line 5"},
+             "china/beijing": {"地铁昌平线(昌平西山口--蓟门桥)": "昌平线", "地铁2号线(8号线)": "Line 2",
+                               "地铁八通线(花庄--古城)": "Line 1", "大兴线": "Line 4", "S1线": None},
+             "america/los_angeles": {"Metro A Line": "Line A", "Metro B-Line": "Line B"},
+             "italy/rome": {"A": "Line A", "B1": "Line B", "Metro B": "Line B", "Linea C": "Line C",
+                            "Tram 8": None},
+             "new_zealand/auckland": {"West": "Western Line", "Sth": "Southern Line", "East": "Eastern Line"},
+             "hungary/budapest": {"M1-es Metróvonal": "Line 1", "M3-as metróvonal": "Line 3"},
+             "australia/sydney": {"M1": "Line M1"},
+             "united_arab_emirates/dubai": {"MRed2": "Red Line", "MRed1": "Red Line", "MGrn": "Green Line"},
+             "malaysia/kl": {"MRT Putrajaya Line": "Line 12", "KTM Batu Caves - Pulau Sebang/Tampin": "Line 1",
+                             "LRT Kelana Jaya Line": "Line 5"},
+             "portugal/lisboa": {"Azul": "Azul"}, "switzerland/geneva": {"12": "Line 12"},
+             "singapore/singapore": {"North East Line": "North East Line", "South Line": None},
+             "america/miami": {"Metrorail Orange Line": "Metrorail Orange Line"},
+             "america/new_york": {"5 Train": "5", "Q Train": "Q", "1 Line": "1"}}
+    for city, names in cases.items():
+        lines = list(_stations(root, city)[city])
+        for name, want in names.items():
+            assert reward.service_line(name, lines, city.split("/")[1]) == want, (city, name)
+    assert reward.service_line("八通线", ["Line 1"], "shanghai") is None   # aliases are per city
+    assert reward.service_line("x" * 10_000, ["Line 1"]) is None
+
+def test_data_release_plus_parquet_every_mapping():
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        (summary,), text = _release(paths, "plus")
+        recs = data.load_records(os.path.join(paths["out"], "test.jsonl"))
+        metros = _stations(root, "malaysia/kl", "united_arab_emirates/dubai")
+    assert [r["id"] for r in recs] == [f"ReasonMap-Plus/test/{i}" for i in range(len(PLUS_ROWS))]
+    for rec, (row, answer, options, line, s2) in zip(recs, PLUS_ROWS):
+        assert rec["type"].lower() == row["type"].lower() and rec["question"] == row["question"]
+        assert rec["answer"] == answer and rec["options"] == options, rec["id"]
+        assert rec["line"] == line and rec["station_2"] == s2, rec["id"]
+        assert rec["figure"] == os.path.relpath(os.path.join(root, "maps", row["country"],
+                                                row["city"] + ".png"), paths["out"])
+        assert rec["metro"] == data.load_metro(os.path.join(root, "stations", row["country"],
+                                                            row["city"] + ".json"))
+        assert rec["difficulty_city"] == "middle" and rec["city_line_count"] == 3
+        assert rec["question_transfer_count"] is None     # the Plus placeholder -1 is not kept
+    assert recs[3]["station_1"] == "Tuas Link Station"  # marker removed
+    assert recs[7]["type"] == "Counting3"                 # type read case-insensitively
+    # the authors' Counting1 example, re-derived on the Metro Data: 1 stop (Energy) between them
+    dubai = data.load_metro(os.path.join(root, "stations", "united_arab_emirates", "dubai.json"))
+    assert data.stops_between(dubai, "Red Line", "Danube Station", "lbn Battuta Station") == 1
+    assert "Line 1" in metros["malaysia/kl"] and "Line 12" in metros["malaysia/kl"]
+    assert "8 rows, 8 records" in text and "TorF1=2  TorF2=3  Counting1=1  Counting2=1  Counting3=1" in text
+    assert "columns not used: __index_level_0__" in text and "lost" not in text
+    assert summary["rows"] == 8 and not summary["lost"]
+
+
+def test_data_release_saved_train_and_base64_reasonmap():
+    import base64
+    from unittest import mock
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        with mock.patch("base64.b64decode", wraps=base64.b64decode) as decode:
+            _, text = _release(paths, "train", "rm", "rm_text")
+        assert decode.call_count == 2          # one decode per city (dalian, rome), reused across files
+        out = paths["out"]
+        train = data.load_records(os.path.join(out, "ReasonMap-Train-train.jsonl"))
+        rm = data.load_records(os.path.join(out, "reasonmap-1008-validation.jsonl"))
+        rm_text = data.load_records(os.path.join(out, "reasonmap-1008-train.jsonl"))
+        maps = {c: open(os.path.join(out, "maps", c + ".png"), "rb").read()
+                for c in ("italy/rome", "china/dalian")}
+        paths["out"] = os.path.join(tmp, "out2")          # the data:image/png;base64, form alone
+        _release(paths, "rm_text")
+        dalian_again = open(os.path.join(tmp, "out2", "maps", "china", "dalian.png"), "rb").read()
+    # ReasonMap-Train: two Arrow shards numbered as one split; answers and templates
+    assert [r["id"] for r in train] == [f"ReasonMap-Train/train/{i}" for i in range(6)]
+    expected = [a for _, a in _train_rows()]
+    assert [r["answer"] if r["type"] != "planning" else r["template"] for r in train] == expected
+    oslo = data.load_metro(os.path.join(root, "stations", "norway", "oslo.json"))
+    ride = ["Voksenkollen", "Lillevann", "Skogen", "Voksnia"]
+    for r in train[3:]:   # no routes column: the oracle's; -1 transfer count -> the routes' fewest
+        assert r["routes"] == [[{"route_name": "Line 1", "departure_stop": "Frognerseteren Station",
+                                 "arrival_stop": "Holmenkollen Station",
+                                 "via_stops": [s + " Station" for s in ride]}]]
+        assert r["question_transfer_count"] == 0 and r["answer"] is None and r["metro"] == oslo
+    assert train[1]["line"] == "Line 15"
+    # ReasonMap: two records a row, service route names in Metro Data names, via stops ridden
+    assert [r["id"] for r in rm] == [f"ReasonMap/reasonmap-1008-validation/{i}/{p}"
+                                     for i in range(3) for p in ("short", "long")]
+    assert [r["template"] for r in rm] == ["short", "long1", "short", "long2", "short", "long1"]
+    dalian = data.load_metro(os.path.join(root, "stations", "china", "dalian.json"))
+    assert rm[0]["metro"] == dalian        # from the row's json: a struct of both cities' lines
+    assert rm[0]["routes"] == [[{"route_name": "Line 5", "departure_stop": "虎滩新区站",
+                                 "arrival_stop": "劳动公园站",
+                                 "via_stops": ["虎滩公园站", "秀月街站", "桃源站", "青云街站", "石葵路站"]}]]
+    rome_a = ["Cornelia", "Baldo degli Ubaldi", "Valle Aurelia", "Cipro", "Ottaviano", "Lepanto",
+              "Flaminio", "Spagna", "Barberini", "Repubblica"]
+    assert rm[2]["routes"][0] == [
+        {"route_name": "Line A", "departure_stop": "Battistini Station", "arrival_stop": "Termini Station",
+         "via_stops": [s + " Station" for s in rome_a]},
+        {"route_name": "Line B", "departure_stop": "Termini Station", "arrival_stop": "Colosseo Station",
+         "via_stops": ["Cavour Station"]}]
+    assert rm[2]["routes"][1][0]["route_name"] == "Tram 8"        # no such line: kept as written
+    assert [r["question_transfer_count"] for r in rm] == [0, 0, 1, 1, 0, 0]
+    assert rm[4]["routes"] == [[{"route_name": "Line A", "departure_stop": "Cipro Station",
+                                 "arrival_stop": "Lepanto Station", "via_stops": ["Ottaviano Station"]}]]
+    assert {r["figure"] for r in rm} == {"maps/china/dalian.png", "maps/italy/rome.png"}
+    assert maps == {"italy/rome": _png("red"), "china/dalian": _png("blue")} and dalian_again == _png("blue")
+    # json and routes as JSON text give the same records
+    assert [(r["metro"], r["routes"]) for r in rm_text] == [(r["metro"], r["routes"]) for r in rm[:2]]
+    assert "1 x reference route name matches no Metro Data line (kept as written)" in text
+    assert "planning=6 (short=3 long1=2 long2=1)" in text and "3 rows, 6 records" in text
+
+
+def test_data_release_hub_shards_image_bytes_arrow_map_and_plain_dataset():
+    """The other readings: hub-style Parquet shards (one split), figures as image bytes and as
+    datasets' Image struct, json as an Arrow map and as an object (Dalian is not in --stations),
+    and a folder saved from a single Dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = _need_release()
+    dalian = _stations(root, "china/dalian")["china/dalian"]
+    rows = [dict(_plus_row("TorF1", 1, "china/dalian", "Are 姚家站 and 华北路站 on the same line?",
+                           "姚家站", "华北路站"), figure=_png("green"), json=list(dalian.items())),
+            dict(_plus_row("TorF1", 0, "china/dalian", "Are 姚家站 and 海之韵站 on the same line?",
+                           "姚家站", "海之韵站"), figure=_png("green"), json=list(dalian.items()))]
+    metro_type = pa.map_(pa.string(), pa.list_(pa.string()))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        hub = os.path.join(tmp, "hub", "data")
+        os.makedirs(hub)
+        for k, row in enumerate(rows):
+            table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "json"}])
+            table = table.append_column("json", pa.array([row["json"]], metro_type))
+            pq.write_table(table, os.path.join(hub, f"train-0000{k}-of-00002.parquet"))
+        plain = os.path.join(tmp, "Plain")
+        _saved_train(plain, [dict(r, figure={"bytes": _png("green"), "path": None}, json=dalian)
+                             for r in rows], dataset_dict=False)
+        paths.update(hub=os.path.dirname(hub), plain=plain)
+        _, text = _release(paths, "hub", "plain")
+        hub_recs = data.load_records(os.path.join(paths["out"], "train.jsonl"))
+        plain_recs = data.load_records(os.path.join(paths["out"], "Plain-train.jsonl"))
+        written = open(os.path.join(paths["out"], "maps", "china", "dalian.png"), "rb").read()
+    assert [r["id"] for r in hub_recs] == ["hub/train/0", "hub/train/1"]
+    assert [r["id"] for r in plain_recs] == ["Plain/train/0", "Plain/train/1"]
+    for recs in (hub_recs, plain_recs):
+        assert [r["answer"] for r in recs] == ["yes", "no"]
+        assert all(r["metro"] == data.load_metro(os.path.join(root, "stations", "china", "dalian.json"))
+                   and r["figure"] == "maps/china/dalian.png" for r in recs)
+    assert written == _png("green") and "2 rows, 2 records" in text
+
+def test_data_release_bad_files_name_file_and_column():
+    from unittest import mock
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        good = [r for r, *_ in PLUS_ROWS[:2]]
+        bad = {"typo": [{("anwser" if k == "answer" else k): v for k, v in r.items()} for r in good],
+               "list": [dict(r, answer=[1]) for r in good],
+               "none": [{"prompt": "x", "label": 1}]}
+        for name, rows in bad.items():
+            _parquet(os.path.join(tmp, "bad", name + ".parquet"), rows)
+        for name, words in (("typo", ["column 'answer'", "anwser"]),
+                            ("list", ["column 'answer'", "list<", "int or float or string or bool"]),
+                            ("none", ["'question'", "'question_short'", "prompt"])):
+            path = os.path.join(tmp, "bad", name + ".parquet")
+            _raises(lambda: data.release([path], paths["maps"], paths["stations"], paths["out"]),
+                    path, *words)
+        # rows that cannot be mapped: counted by reason, and over --max-lost nothing is written
+        rows = good + [dict(good[0], type="TorF9"), dict(good[0], answer=5),
+                       dict(good[0], country="china", city="hangzhou", figure="./maps/china/hangzhou.png")]
+        lossy = os.path.join(tmp, "lossy", "test.parquet")
+        _parquet(lossy, rows)
+        _raises(lambda: _release(dict(paths, lossy=lossy), "lossy"), lossy, "3 of 5 records",
+                "unknown type (first: lossy/test/2: 'TorF9')", "TorF1 answer is not 1/0",
+                "map file not found", "nothing written")
+        assert not os.path.exists(os.path.join(paths["out"], "test.jsonl"))
+        (summary,), text = _release(dict(paths, lossy=lossy), "lossy", max_lost=0.6)
+        assert len(data.load_records(summary["path"])) == 2
+        assert {k: n for k, (n, _) in summary["lost"].items()} == {
+            "unknown type": 1, "TorF1 answer is not 1/0": 1, "map file not found (--maps)": 1}
+        assert "lost: 1 x unknown type" in text
+        # two inputs for one output name; the command line's message; pyarrow missing
+        _raises(lambda: _release(dict(paths, lossy=lossy), "plus", "lossy"), "test.jsonl",
+                "different --out")
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                data.main(["release", lossy, "--maps", paths["maps"], "--stations",
+                           paths["stations"], "--out", paths["out"]])
+            except SystemExit as e:
+                assert str(e.code).startswith("data.py release: ") and "unknown type" in str(e.code)
+            else:
+                raise AssertionError("data.py release should exit with an error")
+        with mock.patch.dict(sys.modules, {"pyarrow": None}):
+            try:
+                _release(paths, "plus")
+            except ImportError as e:
+                assert "pip install pyarrow" in str(e), e
+            else:
+                raise AssertionError("no ImportError without pyarrow")
+
+
+def test_data_release_train_two_steps_and_eval_rescore():
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        _release(paths, "plus", "train", "rm")
+        out = paths["out"]
+        run = os.path.join(tmp, "run")
+        _run(["--model", "tiny", "--data", os.path.join(out, "ReasonMap-Train-train.jsonl"),
+              "--out", run, "--max-steps", "2", "--group-size", "2", "--batch-size", "2",
+              "--max-new-tokens", "6", "--kl", "0"])
+        assert [m["step"] for m in _metrics(run)] == [1, 2]
+        recs = data.load_records(os.path.join(out, "test.jsonl")) + \
+            data.load_records(os.path.join(out, "reasonmap-1008-validation.jsonl"))
+        cases = [(r, data.gold_answer(r), True) for r in recs]
+        cases[0] = (recs[0], "\\boxed{no}", False)           # TorF1 'yes' answered wrong
+        rep, _ = _rescore(cases, tmp)
+        with open(os.path.join(tmp, "report.answers.jsonl")) as f:
+            scores = [json.loads(line)["map_score"] for line in f][len(PLUS_ROWS):]
+    assert rep["n"] == 14 and rep["accuracy"]["planning"] == 1.0
+    assert abs(rep["weighted_accuracy"]["plus_torf"] - 0.8) < 1e-9     # 4 of 5, all weight 1.5
+    assert rep["weighted_accuracy"]["plus_count"] == 1.0
+    assert rep["weighted_accuracy"]["short"] == rep["weighted_accuracy"]["long"] == 1.0
+    # by hand (RM Alg. 2): 1 segment 1+2+1+1 = 5, 2 segments 9; long1 +4 per exact count;
+    # long2 + (10 IoU + min(10, 11 hits)) / 2 = 10; then +10 (short) / +20 (long) for correct
+    assert scores == [15, 29, 19, 39, 15, 29]
+    # ReasonMap weights 1 + 0.5 q + 0.5 m: dalian easy q0 -> 1, rome middle q1 -> 2, q0 -> 1.5
+    assert abs(rep["map_score"]["short"] - (15 + 2 * 19 + 1.5 * 15) / 4.5) < 1e-9
+    assert abs(rep["map_score"]["long"] - (29 + 2 * 39 + 1.5 * 29) / 4.5) < 1e-9
+
+
 # =============================================================================================
 # reward.py — format / correctness / detail rewards, Alg. 1, map score (§4.2; RM §B)
 # =============================================================================================
