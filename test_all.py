@@ -1616,8 +1616,8 @@ def test_train_torchrun_two_ranks():
 
 
 # Long runs: preemption, crashes, FSDP2, safe loading (train.py checkpoints; README "Long runs").
-# Settings with a learning signal from step 1 (seed 1: groups of 4 that do not all tie), 5 steps.
-LONG = SMALL + ["--group-size", "4", "--max-new-tokens", "8", "--seed", "1", "--max-steps", "5"]
+# Settings with a learning signal from step 1 (seed 1: groups of 4 that do not all tie), 4 steps.
+LONG = SMALL + ["--group-size", "4", "--max-new-tokens", "8", "--seed", "1", "--max-steps", "4"]
 _TIMING = ("time/", "tokens_per_s")
 
 
@@ -1643,54 +1643,55 @@ def _ddp_reference():
     return _DDP_REFERENCE["dir"], _DDP_REFERENCE["params"]
 
 
-def test_train_sigterm_on_one_rank_then_sigkill_restart_match_uninterrupted():
-    """(b) SIGTERM reaching rank 1 only, mid-step 2: both ranks finish the step, write step-2/ and
-    exit 0. (a) The resumed run under torchrun --max-restarts=1 --resume auto loses rank 1 to SIGKILL
-    at step 5 (rank 0 has logged step 4; step-3/ is the newest checkpoint); torchrun restarts both,
-    they resume from step-3 and finish. Parameters equal the uninterrupted run's bit for bit, and
-    metrics.jsonl has each step once, with the same values."""
+def test_train_longrun_sigterm_one_rank_then_sigkill_restart_match_uninterrupted():
+    """(b) SIGTERM reaching rank 1 only, during step 1: both ranks finish the step, write step-1/
+    and exit 0. (a) The resumed run under torchrun --max-restarts=1 --resume auto saves step-2/,
+    logs step 3, then loses rank 1 to SIGKILL at step 4; torchrun restarts both ranks, they resume
+    from step-2 and finish. Parameters equal the uninterrupted run's bit for bit, and metrics.jsonl
+    has each step once (step 3's first line dropped), with the same values."""
     import torch
     import train
     ref, ref_params = _ddp_reference()
     with tempfile.TemporaryDirectory() as d:
-        r = _run(LONG + ["--out", d, "--save-every", "3", "--fault", "sigterm:2:1"], nproc=2)
-        assert "stopped by a signal on another rank after step 2 of 5" in r.stdout, r.stdout
+        r = _run(LONG + ["--out", d, "--save-every", "2", "--fault", "sigterm:1:1"], nproc=2)
+        assert "stopped by a signal on another rank after step 1 of 4" in r.stdout, r.stdout
         assert "--resume auto" in r.stdout
-        assert train.checkpoint_problems(os.path.join(d, "step-2")) == []
+        assert train.checkpoint_problems(os.path.join(d, "step-1")) == []
         assert not os.path.exists(os.path.join(d, "final"))
-        assert [row["step"] for row in _metrics(d)] == [1, 2]
-        r = _run(LONG + ["--out", d, "--save-every", "3", "--resume", "auto", "--fault", "sigkill:5:1"],
+        assert [row["step"] for row in _metrics(d)] == [1]
+        r = _run(LONG + ["--out", d, "--save-every", "2", "--resume", "auto", "--fault", "sigkill:4:1"],
                  nproc=2, restarts=1)
-        # two attempts: the first from step-2, the restart (after the kill) from step-3
+        # two attempts: the first from step-1, the restart (after the kill) from step-2
         assert r.stdout.count("resuming from") == 2, r.stdout
+        assert f"resuming from {os.path.join(d, 'step-1')} " in r.stdout
         assert f"resuming from {os.path.join(d, 'step-2')} " in r.stdout
-        assert f"resuming from {os.path.join(d, 'step-3')} " in r.stdout
-        assert [row["step"] for row in _metrics(d)] == [1, 2, 3, 4, 5]
+        assert [row["step"] for row in _metrics(d)] == [1, 2, 3, 4]
         assert _same_metrics(_metrics(d), _metrics(ref))
         p = _params(os.path.join(d, "final"))
         assert p.keys() == ref_params.keys() and all(torch.equal(p[k], ref_params[k]) for k in p)
 
 
-def test_train_fsdp_two_ranks_checkpoint_resume_and_ddp_agreement():
-    """FSDP2 on 2 CPU ranks (gloo): stopped by SIGTERM on rank 0 at step 3 (step-3/ holds both
-    ranks' optimizer shards), resumed with --resume auto to step 5; final/ reloads with model.load.
-    Against DDP on the same data and seed: step 1 has the same samples, reward and loss, and a
-    gradient norm equal to 1e-5 relative (measured 1.1e-6: fp32 rounding, the sharded norm is summed
-    in another order); after 5 steps the parameters agree to 1e-4 (measured 1.9e-5 of up to 5e-2
-    moved: rounding differences amplified by Adam at lr 1e-2 — DDP against DDP with the image
-    features recomputed per sample instead of shared differs by as much, 1.9e-5). A resume that
-    lost the Adam moments is 3.6e-2 off. Interrupted and resumed FSDP equals uninterrupted FSDP
-    bit for bit (checked by hand)."""
+def test_train_longrun_fsdp_two_ranks_checkpoint_resume_matches_ddp():
+    """FSDP2 on 2 CPU ranks (gloo): stopped by SIGTERM on rank 0 during step 2 (step-2/ holds both
+    ranks' optimizer shards), resumed with --resume auto to step 4; final/ reloads with model.load.
+    Against DDP on the same data and seed: step 1 has the same samples, reward and loss (0 at ratio
+    1 with equal-length completions, hence the gradient norm too), a gradient norm equal to 1e-5
+    relative (measured 1.1e-6: fp32 rounding in FSDP's sharded reduction and norm), and after 4
+    steps parameters within 1e-4 (measured 1.8e-5, of up to 5e-2 moved): rounding differences that
+    Adam's normalised steps at lr 1e-2 amplify — DDP against DDP with image features recomputed per
+    sample instead of shared differs by as much (1.9e-5 after 5 steps). A resume that lost the Adam
+    moments is 3.6e-2 off (checked). Interrupted FSDP equals uninterrupted FSDP bit for bit (checked
+    by hand)."""
     import torch
     ref, ref_params = _ddp_reference()
     with tempfile.TemporaryDirectory() as d:
-        _run(LONG + ["--out", d, "--fsdp", "--fault", "sigterm:3:0"], nproc=2)
-        manifest = json.load(open(os.path.join(d, "step-3", "manifest.json")))
-        assert manifest["fsdp"] and manifest["world_size"] == 2 and manifest["step"] == 3
+        _run(LONG + ["--out", d, "--fsdp", "--fault", "sigterm:2:0"], nproc=2)
+        manifest = json.load(open(os.path.join(d, "step-2", "manifest.json")))
+        assert manifest["fsdp"] and manifest["world_size"] == 2 and manifest["step"] == 2
         assert {"optimizer_rank0.pt", "optimizer_rank1.pt", "rng_rank1.pt"} <= set(manifest["files"])
         _run(LONG + ["--out", d, "--fsdp", "--resume", "auto"], nproc=2)
         rows, ref_rows = _metrics(d), _metrics(ref)
-        assert [row["step"] for row in rows] == [1, 2, 3, 4, 5]
+        assert [row["step"] for row in rows] == [1, 2, 3, 4]
         first, ref_first = rows[0], ref_rows[0]
         assert ref_first["zero_std_frac"] < 1 and ref_first["grad_norm"] > 0.1   # a real signal
         assert first["reward"] == ref_first["reward"] and first["loss"] == ref_first["loss"]
@@ -1715,7 +1716,7 @@ def _tiny_checkpoint(out, step, **kw):
     return os.path.join(out, f"step-{step}")
 
 
-def test_train_crash_while_saving_keeps_previous_checkpoint():
+def test_train_longrun_crash_while_saving_keeps_previous_checkpoint():
     """(c) A crash half-way through writing step-4/ (model and trainer state written, RNG and
     manifest not): step-2/ is still whole and is what --resume auto picks; neither the .tmp leftover,
     a .old one, nor a partial step-N/ folder is ever picked; naming one explicitly is an error that
@@ -1757,9 +1758,17 @@ def test_train_crash_while_saving_keeps_previous_checkpoint():
         model.load(os.path.join(d, "step-2"))
         assert train.safe_load(os.path.join(d, "step-2", "trainer_state.pt"))["step"] == 2
         train.restore_rng(os.path.join(d, "step-2"), 0)
+        # resuming at step 2 keeps the logs' lines up to step 2, and drops a line cut short by a kill
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            with open(os.path.join(d, name), "w") as f:
+                f.write('{"step": 1}\n{"step": 2, "i": 0}\n{"step": 2, "i": 1}\n{"step": 3}\n{"step": 2, "te')
+        train.trim_logs(d, 2)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            assert [json.loads(line) for line in open(os.path.join(d, name))] == \
+                [{"step": 1}, {"step": 2, "i": 0}, {"step": 2, "i": 1}]
 
 
-def test_train_checkpoint_refuses_crafted_pickle():
+def test_train_longrun_crafted_pickle_refused():
     """A checkpoint's .pt files are read with weights_only=True: a pickle whose __reduce__ would
     create a file is refused with an error naming the file, and the file is never created."""
     import pathlib
