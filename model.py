@@ -188,7 +188,17 @@ def init_distributed(threads=None):
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        kwargs = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one TCPStore across `--max-restarts` attempts and env:// adds no
+            # per-attempt prefix, so a restarted rank can read a dead peer's address (gloo:
+            # "connectFullMesh failed ... Connection refused", 3 restarts in 4 here; NCCL:
+            # pytorch/pytorch#167288). Each attempt gets keys of its own.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            kwargs = dict(store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", **kwargs)
     return rank, world, device
 
 
