@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import collections  # noqa: E402  (after the environment is set)
 import contextlib
 import glob
+import html.parser
 import inspect
 import io
 import json
@@ -2015,6 +2016,139 @@ def test_eval_density_tiny_model_planning_detail_breaks_ties():
     assert d["format+correctness"]["zero_std_frac"] > 0
     assert d["+detail"]["zero_std_frac"] < d["format+correctness"]["zero_std_frac"], d
     assert "| planning |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --log-samples and the HTML report (report.py, eval.py --html)
+
+class _Page(html.parser.HTMLParser):
+    """A page as the standard library reads it: start tags with attributes, the text inside each
+    element by class, and table rows as lists of cell texts."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.open, self.rows = [], collections.defaultdict(list), [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+        if tag not in ("br", "meta", "img", "hr", "input", "link"):      # void elements
+            self.open.append((tag, dict(attrs).get("class") or tag))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for cls in {cls for _, cls in self.open}:
+            self.text[cls].append(data)
+        if {"td", "th"} & {tag for tag, _ in self.open}:
+            self.rows[-1][-1] += data
+
+    def all(self, cls):
+        return "".join(self.text[cls])
+
+
+HOSTILE = ('<script>alert("x")</script> \\boxed{yes}', '</pre><img src=x onerror=alert(1)>',
+           'Route Name: Line 1 (<b onclick="x">)\nDeparture Stop: A\nArrival Stop: C\n</pre>"&amp;')
+
+
+def test_report_train_log_samples_and_report():
+    """3 steps with --log-samples 2 (K = 2): each line is a whole group, its parts re-derived with
+    compute_reward on the run's own records, centred advantages, traces summing to detail; the
+    run ends by writing report.html and printing where it is."""
+    import report
+    with tempfile.TemporaryDirectory() as d:
+        r = _run(SMALL + ["--out", d, "--max-steps", "3", "--log-samples", "2"])
+        assert f"report: {os.path.join(d, 'report.html')}" in r.stdout, r.stdout
+        records = {x["id"]: x for x in data.load_records(os.path.join(d, "data", "train.jsonl"))}
+        lines = report.read_jsonl(os.path.join(d, "samples.jsonl"))
+        assert all(os.path.exists(os.path.join(d, g["figure"])) for g in lines)
+        with open(os.path.join(d, "report.html"), encoding="utf-8") as f:
+            page = _Page(f.read())
+        metrics = _metrics(d)
+    assert [g["step"] for g in lines] == [1, 1, 2, 2, 3, 3]
+    assert [g["stage"] for g in lines[::2]] == [m["stage"] for m in metrics]
+    for g in lines:
+        rec = records[g["id"]]
+        assert g["type"] == rec["type"] and g["question"] == rec["question"]
+        assert g["gold"] == data.gold_answer(rec) and len(g["samples"]) == 2
+        totals = [s["total"] for s in g["samples"]]
+        for s in g["samples"]:
+            want = compute_reward(s["text"], rec)
+            assert {k: s[k] for k in want} == want
+            assert sum(p for p, _ in s["trace"]) == s["detail"]
+            assert abs(s["advantage"] - (s["total"] - sum(totals) / 2)) < 1e-5
+    # the page: the run's groups (the last 3 logged per type), a curve per metric, the maps
+    shown = [g for t in reward.TYPES for g in [x for x in lines if x["type"] == t][-3:]]
+    assert all(g["id"] in page.all("body") for g in shown)
+    assert sum(tag == "svg" for tag, _ in page.tags) == 4
+    assert [f"{s['total']:.2f}" for g in shown for s in g["samples"]] == [
+        x.split(" ")[0] for x in page.all("parts").split("total ")[1:]]
+    assert "map not available" not in page.all("body")
+
+
+def test_report_html_matches_inputs_and_escapes_model_text():
+    """eval.py --rescore ... --run ... --html, parsed back with html.parser: hostile model text is
+    text (no script, no img, no handler), nothing is loaded from outside, numbers and ids are the
+    inputs', the per-type cap holds and the page says so."""
+    import report
+    answers = [(PLUS_CASES[0][0], HOSTILE[0]), (PLUS_CASES[2][0], HOSTILE[1]),
+               (dict(PLUS_CASES[0][0], id="t1b"), "\\boxed{no}"), (SHORT_CASES[0][0], HOSTILE[2])]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        os.makedirs(run)
+        _write(os.path.join(run, "metrics.jsonl"),
+               [{"step": 1, "stage": "1:TorF1+TorF2", "reward": 1.0, "format": 0.5, "accuracy": 0.0,
+                 "zero_std_frac": 0.5},
+                {"step": 2, "stage": "1:TorF1+TorF2", "reward": 2.0, "format": 1.0, "accuracy": 0.5,
+                 "zero_std_frac": 0.0},
+                {"step": 3, "stage": "4:planning", "reward": -1.25, "format": 1.0, "accuracy": 0.0,
+                 "zero_std_frac": 1.0}])
+        logged = report.group(SHORT_CASES[1][0], [GOOD_AF, HOSTILE[2]], step=3, stage="4:planning",
+                              advantages=[1.5, -1.5], figure="maps/none.png")
+        _write(os.path.join(run, "samples.jsonl"), [logged])
+        ans, out = os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "r.html")
+        _write(ans, [{"id": r["id"], "response": t, "record": r} for r, t in answers])
+        text = _eval_run(["--rescore", ans, "--run", run, "--html", out, "--html-questions", "1"])
+        assert f"wrote {out}" in text and not os.path.exists(os.path.join(tmp, "a.json"))
+        with open(out, encoding="utf-8") as f:
+            raw = f.read()
+    page = _Page(raw)
+    # hostile text is shown as text, and is no markup
+    assert not {"script", "img", "iframe"} & {t for t, _ in page.tags}
+    assert not [k for _, attrs in page.tags for k in attrs if k.startswith("on")]
+    shown = page.all("answer")
+    assert HOSTILE[0] in shown and HOSTILE[2] in shown
+    assert HOSTILE[1] not in shown                   # t3 is the 2nd TorF1: over the cap of 1
+    assert "2 of 4 shown" in page.all("note") and "up to 1 questions per type" in page.all("note")
+    # self-contained: no src, links only inside the page, images only as data: URIs
+    assert not [v for _, attrs in page.tags for k, v in attrs.items()
+                if k == "src" or k == "href" and not v.startswith("#")]
+    assert {a["href"] for t, a in page.tags if t == "a"} == {"#eval-TorF1", "#eval-planning",
+                                                             "#train-planning"}
+    assert "url(" not in raw.replace('url("data:image/', "")
+    # Table 1: n 4; RM Acc. S and Map S 0 (p1 stops at C); TorF: t1 right, weights 1.0 + 1.5 + 1.0
+    assert ["4", "0.00", "–", "0.00", "–", "–", "28.57", "28.57"] in page.rows
+    assert ["TorF1", "50.0 % (2)", "0.0 % (1)", "33.3 % (3)"] in page.rows     # easy, middle, all
+    # the run: stage means (steps 1-2; step 3) and the logged group's accuracy (hard map, 1 of 2)
+    assert ["1:TorF1+TorF2", "1–2", "1.50", "0.75", "0.25", "0.25"] in page.rows
+    assert ["4:planning", "3–3", "-1.25", "1.00", "0.00", "1.00"] in page.rows
+    assert ["planning", "50.0 % (1)", "50.0 % (1)"] in page.rows
+    parts = page.all("parts")
+    assert "advantage +1.50" in parts and "advantage -1.50" in parts
+    assert "total 29.00" in parts                    # GOOD_AF on p2: 2.0 * (1 + 10 + 0.5 * 7)
+    trace = page.all("trace")
+    assert "+2 departure matches station_1 ('A') and arrival matches station_2 ('F')" in trace
+    assert "+4 segment 1: route name 'Line 1 (<b onclick=\"x\">)' exists" in trace
+    assert "p2" in page.all("body") and "map not available" in page.all("body")
 
 
 # =============================================================================================
