@@ -404,15 +404,21 @@ def write_html(args, report, rows):
                                figure=data_figure(row["record"], source))
               for row in rows or ()]
     if report is None:
-        summary = ()
+        summary, note = (), ""
     elif "density" in report:
-        summary = [(f"zero-std {t} (+detail+weight)", _num(modes["+detail+weight"]["zero_std_frac"]))
+        summary = [(f"zero-std {t}", _num(modes["+detail+weight"]["zero_std_frac"]))
                    for t, modes in report["density"].items()]
+        note = (f"Share of groups whose K = {report['k']} rewards (the full reward, + detail + "
+                "weight) are all equal: no GRPO signal. The other reward modes are in the JSON.")
     else:
         summary = [("questions", str(report["n"]))] + [(c, _fmt(f(report), s)) for c, f, s in TABLE1]
+        note = ("RM: ReasonMap route planning, weighted accuracy % (RM §B.3) and map score "
+                "(RM Alg. 2), short / long template; Plus: ReasonMap-Plus weighted accuracy % "
+                "(App. C.1). The paper's Table 1 columns.")
     name = args.rescore or args.model
     return report_mod.write(args.html, run=args.run, eval_groups=groups, summary=summary,
-                            title=name and f"evaluation {name}", per_type=args.html_questions)
+                            summary_note=note, title=name and f"evaluation {name}",
+                            per_type=args.html_questions)
 
 
 def data_figure(record, source):

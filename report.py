@@ -179,7 +179,7 @@ def _chart(metrics, key, title, share, width=560, height=180):
     points = [(r["step"], r[key]) for r in metrics if _finite(r.get(key))]
     if not points:
         return ""
-    left, right, top, bottom = 46, 10, 24, 22
+    left, right, top, bottom = 46, 10, 30, 22
     x0, x1 = min(s for s, _ in points), max(s for s, _ in points)
     lo, hi = min(v for _, v in points), max(v for _, v in points)
     if share and lo >= 0 and hi <= 1:
@@ -195,13 +195,13 @@ def _chart(metrics, key, title, share, width=560, height=180):
         return top + (hi - value) / (hi - lo) * (height - top - bottom)
 
     svg = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)} per step">',
-           f'<text x="{left}" y="15" class="title">{esc(title)}</text>']
+           f'<text x="{left}" y="13" class="title">{esc(title)}</text>']
     for k, (stage, first, last, _) in enumerate(_stages(metrics)):
         a, b = x(first - 0.5), x(last + 0.5)
         svg.append(f'<rect x="{a:.1f}" y="{top}" width="{b - a:.1f}" height="{height - top - bottom}"'
                    f' class="band{k % 2}"><title>{esc(stage)}: steps {first}–{last}</title></rect>')
         if b - a > 14:
-            svg.append(f'<text x="{(a + b) / 2:.1f}" y="{top + 11}" class="stage">'
+            svg.append(f'<text x="{(a + b) / 2:.1f}" y="{top - 4}" class="stage">'
                        f'{esc(str(stage).split(":")[0])}</text>')
     for value in (lo, (lo + hi) / 2, hi):
         svg.append(f'<text x="{left - 4}" y="{y(value) + 4:.1f}" class="tick" text-anchor="end">'
@@ -231,7 +231,8 @@ def _training(metrics, config, groups):
     if not metrics:
         return "".join(out) + "<p>No metrics.jsonl in the run folder.</p></section>"
     out.append('<p class="note">Means over each step\'s samples. Shaded bands are curriculum '
-               'stages (§4.3), numbered as in the table below; hover a point for its value.</p>')
+               'stages (§4.3), numbered above each chart as in the table below; hover a point for '
+               'its value.</p>')
     out.append('<div class="charts">' + "".join(_chart(metrics, *c) for c in CURVES) + "</div>")
     rows = [(stage, f"{first}–{last}", *(_num(_mean(r.get(k) for r in rs)) for k, _, _ in CURVES))
             for stage, first, last, rs in _stages(metrics)]
@@ -267,8 +268,13 @@ def _accuracy(groups, what):
               'several samples a question counts its share of correct ones.</p>')
 
 
-def _sample(k, s):
-    """One answer as a table row: its reward parts, its text, its trace."""
+def _short(text, limit=40):
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _sample(k, s, planning):
+    """One answer as a table row: its reward parts, its text, its trace (and, for a route, the
+    sections Alg. 1 read)."""
     ok = _correct(s)
     parts = (f"total <b>{_num(s['total'])}</b><br>F {_num(s['format'], '{:g}')} · "
              f"C {_num(s['correctness'], '{:g}')} · D {_num(s['detail'], '{:g}')} · "
@@ -282,6 +288,12 @@ def _sample(k, s):
                     for p, r in s.get("trace") or ())
     if not trace and "trace" in s:           # sections parsed, and no line of Alg. 1 fired
         trace = '<li><span class="pts">+0</span> no Alg. 1 line fired</li>'
+    route = reward.parse_route(text) if planning else []
+    if route:                                # what Alg. 1 read: segment by segment
+        trace += '<li class="route">parsed: ' + "; ".join(
+            f"{i + 1}. {esc(_short(r['route_name']))}: {esc(_short(r['departure_stop']))} → "
+            f"{esc(_short(r['arrival_stop']))}" for i, r in enumerate(route[:8])) + (
+            f"; … {len(route) - 8} more" if len(route) > 8 else "") + "</li>"
     return (f'<tr class="{"ok" if ok else "bad"}"><td class="parts">'
             f'<span class="mark">{"✓ correct" if ok else "✗"}</span> #{k + 1}<br>{parts}'
             + ("<br><i>hit --max-new-tokens</i>" if s.get("truncated") else "")
@@ -311,7 +323,7 @@ def _card(g, maps):
             f'<div class="gold"><b>gold answer</b><pre>{esc(g.get("gold") or "–")}</pre></div>'
             f'{spread}<table class="samples"><thead><tr><th>reward = W·(F + C + α·D)</th>'
             f'<th>answer</th><th>Alg. 1 lines that fired, or answer vs gold</th></tr></thead><tbody>'
-            + "".join(_sample(k, s) for k, s in enumerate(g["samples"]))
+            + "".join(_sample(k, s, g["type"] == "planning") for k, s in enumerate(g["samples"]))
             + "</tbody></table></div></article>")
 
 
@@ -348,7 +360,7 @@ table{border-collapse:collapse;margin:6px 0;font-size:13px}th,td{border:1px soli
 th{background:#f4f4f6;text-align:left}table.num td:not(:first-child){text-align:right}
 .charts{display:grid;grid-template-columns:1fr 1fr;gap:6px 18px}
 svg{width:100%;height:auto;font-size:11px}svg .title{font-weight:600;font-size:12px}
-svg .band0{fill:#eef3fb}svg .band1{fill:#fbf3e8}svg .stage{fill:#8a8a8a;text-anchor:middle}
+svg .band0{fill:#eef3fb}svg .band1{fill:#fbf3e8}svg .stage{fill:#777;text-anchor:middle}
 svg .tick{fill:#555}svg .curve{fill:none;stroke:#2456a6;stroke-width:1.6}svg .dot{fill:#2456a6}
 svg .zero{stroke:#999;stroke-dasharray:3 3}svg .grid{stroke:#fff;stroke-width:1.5}
 .card{display:grid;grid-template-columns:240px 1fr;gap:14px;border:1px solid #ddd;border-radius:6px;
@@ -364,19 +376,20 @@ pre.question{background:#fafafa;padding:6px}
 pre.answer{max-height:8em;overflow:auto}
 .spread{color:#444;font-size:12.5px}
 table.samples{width:100%;table-layout:fixed}table.samples td{vertical-align:top;padding:4px 6px}
-table.samples th:nth-child(1){width:128px}table.samples th:nth-child(3){width:32%}
+table.samples th:nth-child(1){width:150px}table.samples th:nth-child(3){width:32%}
 table.samples tr.ok td:first-child{border-left:4px solid #2e9a44}table.samples tr.ok{background:#f6fbf6}
 .parts{font-size:12px;white-space:nowrap}.mark{font-weight:600}.ok .mark{color:#2e7d32}
 .bad .mark{color:#999}
 ul.trace{margin:0;padding:0;list-style:none;font-size:12.5px;color:#333}
 ul.trace li{padding-left:2.8em;text-indent:-2.8em}.pts{text-indent:0}
+ul.trace li.route{color:#666;margin-top:3px}
 nav{font-size:13px;margin:6px 0}nav a{margin-right:8px}
 .pts{display:inline-block;min-width:2.6em;font-weight:600;font-variant-numeric:tabular-nums}
 """
 
 
-def render(*, metrics=(), config=None, run_groups=(), eval_groups=(), summary=(), title="",
-           per_type=PER_TYPE):
+def render(*, metrics=(), config=None, run_groups=(), eval_groups=(), summary=(), summary_note="",
+           title="", per_type=PER_TYPE):
     """The whole page as one string."""
     run_shown = _pick(run_groups, per_type, last=True)
     eval_shown = _pick(eval_groups, per_type, last=False)
@@ -404,6 +417,7 @@ def render(*, metrics=(), config=None, run_groups=(), eval_groups=(), summary=()
         out.append("<section><h2>Evaluation</h2>")
         if summary:
             out.append(_table([k for k, _ in summary], [[v for _, v in summary]], "num"))
+            out.append(f'<p class="note">{esc(summary_note)}</p>' if summary_note else "")
         if eval_groups:
             out.append(_accuracy(eval_groups, f"{len(eval_groups)} evaluated questions"))
         out.append("</section>")
@@ -422,13 +436,14 @@ def render(*, metrics=(), config=None, run_groups=(), eval_groups=(), summary=()
     return "".join(out) + "</body></html>\n"
 
 
-def write(path, *, run=None, eval_groups=(), summary=(), title="", per_type=PER_TYPE):
+def write(path, *, run=None, eval_groups=(), summary=(), summary_note="", title="",
+          per_type=PER_TYPE):
     """Render a run folder (metrics.jsonl, samples.jsonl, config.json) and/or evaluated groups
     to one HTML file; returns its path."""
     metrics, run_groups, config = load_run(run) if run else ((), (), None)
     title = " · ".join(x for x in (title, run and f"run {run}") if x)
     page = render(metrics=metrics, config=config, run_groups=run_groups, eval_groups=eval_groups,
-                  summary=summary, per_type=per_type, title=title)
+                  summary=summary, summary_note=summary_note, per_type=per_type, title=title)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8", errors="replace") as f:
         f.write(page)

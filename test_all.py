@@ -2090,8 +2090,9 @@ def test_report_train_log_samples_and_report():
     shown = [g for t in reward.TYPES for g in [x for x in lines if x["type"] == t][-3:]]
     assert all(g["id"] in page.all("body") for g in shown)
     assert sum(tag == "svg" for tag, _ in page.tags) == 4
+    chunks = page.text["parts"]                       # ..., "total ", "<its value>", ...
     assert [f"{s['total']:.2f}" for g in shown for s in g["samples"]] == [
-        x.split(" ")[0] for x in page.all("parts").split("total ")[1:]]
+        chunks[i + 1] for i, c in enumerate(chunks) if c == "total "]
     assert "map not available" not in page.all("body")
 
 

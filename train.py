@@ -122,6 +122,8 @@ def parse_args(argv=None):
     for key in ("group_size", "batch_size", "max_new_tokens", "micro_batch", "epochs"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.log_samples < 0:
+        p.error("--log-samples must be >= 0")
     if args.algo == "grpo" and args.group_size < 2:
         p.error("--group-size must be >= 2 for GRPO (a group of one has no relative advantage)")
     return args
