@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import collections  # noqa: E402  (after the environment is set)
 import contextlib
 import glob
+import html.parser
 import inspect
 import io
 import json
@@ -1395,6 +1396,78 @@ def test_reward_agrees_with_independent_implementation_on_real_cities():
     assert kinds.get("garbage", 0) > 500 and kinds.get("extra", 0) > 500
 
 
+# ---------------------------------------------------------------------------------------------
+# reward.explain: the same Alg. 1 run, with the lines that fired.
+
+def test_reward_explain_trace_by_hand():
+    # toy record A -> F, fewest transfers 1: +2 (both ends), +4 (Line 1 serves A and C), +1 (C = C,
+    # Line 1 right), Line 9 does not exist (no +1 for its link), segment 3 follows a 2nd transfer: -5
+    answer = _route(("Line 1", "A", "C"), ("Line 9", "C", "E"), ("Line 2", "E", "F"))
+    ex = reward.explain(answer, _plan())
+    assert ex["trace"] == [
+        (2.0, "departure matches station_1 ('A') and arrival matches station_2 ('F')"),
+        (4.0, "segment 1: route name 'Line 1' exists and serves both its stops"),
+        (1.0, "segment 1 is on its line and arrives where segment 2 departs ('C')"),
+        (-5.0, "segment 3 follows transfer 2, more than the question's fewest (1)")]
+    assert ex["detail"] == 2.0 and ex["correctness"] == 0.0 and ex["total"] == 1.7 * (1 + 0.5 * 2)
+    # one end only (+2 +4); the cap shows as its own line (2 + 4 + 6 links = 12 -> 10)
+    assert reward.explain(_route(("Line 2", "E", "F")), _plan())["trace"] == [
+        (2.0, "arrival matches station_2 ('F')"),
+        (4.0, "segment 1: route name 'Line 2' exists and serves both its stops")]
+    chain = {f"K{i}": [f"P{i}", f"P{i + 1}"] for i in range(1, 8)}
+    capped = reward.explain(_route(*[(f"K{i}", f"P{i}", f"P{i + 1}") for i in range(1, 8)]),
+                            _plan(s1="P1", s2="P8", q=6, level="easy", metro=chain))
+    assert [p for p, _ in capped["trace"]] == [2, 4] + [1] * 6 + [-2] and capped["detail"] == 10
+    assert capped["trace"][-1] == (-2.0, "cap at 10")
+    assert reward.explain("no route", _plan())["trace"] == [
+        (0.0, "no section parses (Route Name, Departure Stop, Arrival Stop)")]
+    assert reward.explain(answer, _plan(), detail=False)["trace"] == [
+        (0.0, "detail reward off (the --no-detail ablation)")]
+    # other types: the parsed answer against the gold one, 0 points (no detail term)
+    rec = {"id": "c", "type": "Counting1", "answer": "C", "difficulty_city": "easy"}
+    assert reward.explain(r"\boxed{(b)}", rec)["trace"] == [(0.0, "answer 'B'; gold 'C': wrong")]
+    assert reward.explain(r"\boxed{C}", rec)["trace"] == [(0.0, "answer 'C'; gold 'C': right")]
+    assert reward.explain(r"\boxed{Dupont}", rec)["trace"] == [
+        (0.0, "boxed 'Dupont' does not parse as an answer of this type; gold 'C': wrong")]
+    assert reward.explain("C", rec)["trace"] == [(0.0, "no \\boxed{} answer; gold 'C': wrong")]
+
+
+def test_reward_explain_equals_compute_reward_on_every_reward_test():
+    """Every reward test above runs again with compute_reward checked against explain on each call
+    (the agreement test among them: ~7,500 generated answers over the 30 real cities)."""
+    calls = collections.Counter()
+
+    def checked(response, record, **kw):
+        try:
+            want = reward.compute_reward(response, record, **kw)
+        except ValueError:                     # a bad record: explain must refuse it as well
+            _raises(lambda: reward.explain(response, record, **kw))
+            raise
+        got = reward.explain(response, record, **kw)
+        trace = got.pop("trace")
+        assert got == want, (response, got, want)
+        assert sum(p for p, _ in trace) == want["detail"], trace
+        assert all(isinstance(p, float) and isinstance(r, str) for p, r in trace)
+        calls[record.get("type") if isinstance(record, dict) else None] += 1
+        return want
+
+    me = inspect.currentframe().f_code.co_name
+    tests = [fn for name, fn in globals().items()
+             if name.startswith("test_reward_") and name != me and callable(fn)]
+    globals()["compute_reward"] = checked
+    try:
+        for fn in tests:
+            try:
+                fn()
+            except unittest.SkipTest:          # no ../shared: the real-city test; the rest still run
+                pass
+    finally:
+        globals()["compute_reward"] = reward.compute_reward
+    real = os.path.isdir(os.path.join(REASONMAP, "stations"))
+    assert len(tests) >= 18 and calls["planning"] > (6000 if real else 30), (len(tests), calls)
+    assert calls["Counting1"] > 5 and calls["TorF1"] > 5, calls
+
+
 # =============================================================================================
 # grpo.py and curriculum.py — advantages, k3, clipped loss (§4.1); stages and batches (§4.3)
 # =============================================================================================
@@ -2621,6 +2694,140 @@ def test_eval_density_tiny_model_planning_detail_breaks_ties():
     assert d["format+correctness"]["zero_std_frac"] > 0
     assert d["+detail"]["zero_std_frac"] < d["format+correctness"]["zero_std_frac"], d
     assert "| planning |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --log-samples and the HTML report (report.py, eval.py --html)
+
+class _Page(html.parser.HTMLParser):
+    """A page as the standard library reads it: start tags with attributes, the text inside each
+    element by class, and table rows as lists of cell texts."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.open, self.rows = [], collections.defaultdict(list), [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+        if tag not in ("br", "meta", "img", "hr", "input", "link"):      # void elements
+            self.open.append((tag, dict(attrs).get("class") or tag))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for cls in {cls for _, cls in self.open}:
+            self.text[cls].append(data)
+        if {"td", "th"} & {tag for tag, _ in self.open}:
+            self.rows[-1][-1] += data
+
+    def all(self, cls):
+        return "".join(self.text[cls])
+
+
+HOSTILE = ('<script>alert("x")</script> \\boxed{yes}', '</pre><img src=x onerror=alert(1)>',
+           'Route Name: Line 1 (<b onclick="x">)\nDeparture Stop: A\nArrival Stop: C\n</pre>"&amp;')
+
+
+def test_report_train_log_samples_and_report():
+    """3 steps with --log-samples 2 (K = 2): each line is a whole group, its parts re-derived with
+    compute_reward on the run's own records, centred advantages, traces summing to detail; the
+    run ends by writing report.html and printing where it is."""
+    import report
+    with tempfile.TemporaryDirectory() as d:
+        r = _run(SMALL + ["--out", d, "--max-steps", "3", "--log-samples", "2"])
+        assert f"report: {os.path.join(d, 'report.html')}" in r.stdout, r.stdout
+        records = {x["id"]: x for x in data.load_records(os.path.join(d, "data", "train.jsonl"))}
+        lines = report.read_jsonl(os.path.join(d, "samples.jsonl"))
+        assert all(os.path.exists(os.path.join(d, g["figure"])) for g in lines)
+        with open(os.path.join(d, "report.html"), encoding="utf-8") as f:
+            page = _Page(f.read())
+        metrics = _metrics(d)
+    assert [g["step"] for g in lines] == [1, 1, 2, 2, 3, 3]
+    assert [g["stage"] for g in lines[::2]] == [m["stage"] for m in metrics]
+    for g in lines:
+        rec = records[g["id"]]
+        assert g["type"] == rec["type"] and g["question"] == rec["question"]
+        assert g["gold"] == data.gold_answer(rec) and len(g["samples"]) == 2
+        totals = [s["total"] for s in g["samples"]]
+        for s in g["samples"]:
+            want = compute_reward(s["text"], rec)
+            assert {k: s[k] for k in want} == want
+            assert sum(p for p, _ in s["trace"]) == s["detail"]
+            assert abs(s["advantage"] - (s["total"] - sum(totals) / 2)) < 1e-5
+    # the page: the run's groups (the last 3 logged per type), a curve per metric, the maps
+    shown = [g for t in reward.TYPES for g in [x for x in lines if x["type"] == t][-3:]]
+    assert all(g["id"] in page.all("body") for g in shown)
+    assert sum(tag == "svg" for tag, _ in page.tags) == 4
+    chunks = page.text["parts"]                       # ..., "total ", "<its value>", ...
+    assert [f"{s['total']:.2f}" for g in shown for s in g["samples"]] == [
+        chunks[i + 1] for i, c in enumerate(chunks) if c == "total "]
+    assert "map not available" not in page.all("body")
+
+
+def test_report_html_matches_inputs_and_escapes_model_text():
+    """eval.py --rescore ... --run ... --html, parsed back with html.parser: hostile model text is
+    text (no script, no img, no handler), nothing is loaded from outside, numbers and ids are the
+    inputs', the per-type cap holds and the page says so."""
+    import report
+    answers = [(PLUS_CASES[0][0], HOSTILE[0]), (PLUS_CASES[2][0], HOSTILE[1]),
+               (dict(PLUS_CASES[0][0], id="t1b"), "\\boxed{no}"), (SHORT_CASES[0][0], HOSTILE[2])]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        os.makedirs(run)
+        _write(os.path.join(run, "metrics.jsonl"),
+               [{"step": 1, "stage": "1:TorF1+TorF2", "reward": 1.0, "format": 0.5, "accuracy": 0.0,
+                 "zero_std_frac": 0.5},
+                {"step": 2, "stage": "1:TorF1+TorF2", "reward": 2.0, "format": 1.0, "accuracy": 0.5,
+                 "zero_std_frac": 0.0},
+                {"step": 3, "stage": "4:planning", "reward": -1.25, "format": 1.0, "accuracy": 0.0,
+                 "zero_std_frac": 1.0}])
+        logged = report.group(SHORT_CASES[1][0], [GOOD_AF, HOSTILE[2]], step=3, stage="4:planning",
+                              advantages=[1.5, -1.5], figure="maps/none.png")
+        _write(os.path.join(run, "samples.jsonl"), [logged])
+        ans, out = os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "r.html")
+        _write(ans, [{"id": r["id"], "response": t, "record": r} for r, t in answers])
+        text = _eval_run(["--rescore", ans, "--run", run, "--html", out, "--html-questions", "1"])
+        assert f"wrote {out}" in text and not os.path.exists(os.path.join(tmp, "a.json"))
+        with open(out, encoding="utf-8") as f:
+            raw = f.read()
+    page = _Page(raw)
+    # hostile text is shown as text, and is no markup
+    assert not {"script", "img", "iframe"} & {t for t, _ in page.tags}
+    assert not [k for _, attrs in page.tags for k in attrs if k.startswith("on")]
+    shown = page.all("answer")
+    assert HOSTILE[0] in shown and HOSTILE[2] in shown
+    assert HOSTILE[1] not in shown                   # t3 is the 2nd TorF1: over the cap of 1
+    assert "2 of 4 shown" in page.all("note") and "up to 1 questions per type" in page.all("note")
+    # self-contained: no src, links only inside the page, images only as data: URIs
+    assert not [v for _, attrs in page.tags for k, v in attrs.items()
+                if k == "src" or k == "href" and not v.startswith("#")]
+    assert {a["href"] for t, a in page.tags if t == "a"} == {"#eval-TorF1", "#eval-planning",
+                                                             "#train-planning"}
+    assert "url(" not in raw.replace('url("data:image/', "")
+    # Table 1: n 4; RM Acc. S and Map S 0 (p1 stops at C); TorF: t1 right, weights 1.0 + 1.5 + 1.0
+    assert ["4", "0.00", "–", "0.00", "–", "–", "28.57", "28.57"] in page.rows
+    assert ["TorF1", "50.0 % (2)", "0.0 % (1)", "33.3 % (3)"] in page.rows     # easy, middle, all
+    # the run: stage means (steps 1-2; step 3) and the logged group's accuracy (hard map, 1 of 2)
+    assert ["1:TorF1+TorF2", "1–2", "1.50", "0.75", "0.25", "0.25"] in page.rows
+    assert ["4:planning", "3–3", "-1.25", "1.00", "0.00", "1.00"] in page.rows
+    assert ["planning", "50.0 % (1)", "50.0 % (1)"] in page.rows
+    parts = page.all("parts")
+    assert "advantage +1.50" in parts and "advantage -1.50" in parts
+    assert "total 29.00" in parts                    # GOOD_AF on p2: 2.0 * (1 + 10 + 0.5 * 7)
+    trace = page.all("trace")
+    assert "+2 departure matches station_1 ('A') and arrival matches station_2 ('F')" in trace
+    assert "+4 segment 1: route name 'Line 1 (<b onclick=\"x\">)' exists" in trace
+    assert "p2" in page.all("body") and "map not available" in page.all("body")
 
 
 # =============================================================================================

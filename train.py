@@ -27,8 +27,9 @@ needs a large learning rate, short answers and no KL to learn anything in minute
 
 Outputs in --out: config.json, metrics.jsonl (a line per step), step-N/ every --save-every steps
 (and on SIGTERM / SIGINT) and final/ (model + processor via save_pretrained, trainer_state.pt with
-optimiser and step, every rank's RNG, manifest.json last; written to a temp dir and renamed), and
-data/ when the quick start made it.
+optimiser and step, every rank's RNG, manifest.json last; written to a temp dir and renamed),
+data/ when the quick start made it, samples.jsonl (--log-samples) and report.html (report.py:
+curves, samples, Alg. 1 traces).
 """
 import argparse
 import json
@@ -50,18 +51,20 @@ import curriculum
 import data as data_mod
 import grpo
 import model as model_mod
+import report
 import reward
 
 # §5.1 (and the release for what the paper does not state).
 PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
-             weight_decay=1e-2, epochs=1, micro_batch=1)
+             weight_decay=1e-2, epochs=1, micro_batch=1, log_samples=0)
 # CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
 # random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward), one
 # pass over 6 cities x 16 questions per type (38 steps). A second pass at this lr collapses: the
-# model answers \boxed{yes} to everything and every counting group ties.
+# model answers \boxed{yes} to everything and every counting group ties. Two groups a step go to
+# samples.jsonl, for the report.html the quick start ends with.
 # Measured on 2 cores: see the README quick start for its wall time and metrics.
 QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
-             weight_decay=0.0, epochs=1, micro_batch=8)
+             weight_decay=0.0, epochs=1, micro_batch=8, log_samples=2)
 QUICK_CITIES = 6
 QUICK_PER_TYPE = 16
 TYPES = reward.TYPES
@@ -112,6 +115,9 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None,
                    help="auto (the newest complete checkpoint in --out, else a fresh start), a step-N/ "
                         "or final/ folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--log-samples", type=int, default=None, metavar="N",
+                   help="write N whole groups a step (rank 0's first) to OUT/samples.jsonl for "
+                        "the report (default 0; 2 with --model tiny)")
     # tests only: poison the loss at this step; ask rank R's questions without their image;
     # fail at a known point (inject_fault)
     p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)
@@ -125,6 +131,8 @@ def parse_args(argv=None):
     for key in ("group_size", "batch_size", "max_new_tokens", "micro_batch", "epochs"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.log_samples < 0:
+        p.error("--log-samples must be >= 0")
     if args.algo == "grpo" and args.group_size < 2:
         p.error("--group-size must be >= 2 for GRPO (a group of one has no relative advantage)")
     return args
@@ -534,13 +542,16 @@ def inject_fault(args, where, step, rank):
 # ---------------------------------------------------------------------------------------------
 # One step.
 
+def reward_options(args):
+    return dict(alpha=args.alpha, difficulty_aware=not args.no_difficulty, detail=not args.no_detail)
+
+
 def score(texts, records, k, args):
     """Rewards (§4.2) for question-major texts; one dict per completion."""
     out = []
     for i, text in enumerate(texts):
         rec = records[i // k]
-        r = reward.compute_reward(text, rec, alpha=args.alpha, difficulty_aware=not args.no_difficulty,
-                                  detail=not args.no_detail)
+        r = reward.compute_reward(text, rec, **reward_options(args))
         r["type"] = rec["type"]
         out.append(r)
     return out
@@ -673,6 +684,20 @@ def param_digest(net):
     return h.hexdigest()
 
 
+def log_samples(args, step, stage, batch, rollout, advantages, k, data_path):
+    """--log-samples N: the first N groups of this rank's batch, whole, to OUT/samples.jsonl
+    (report.group: question, gold answer, map, the K completions, reward parts, Alg. 1 traces,
+    advantages). Figures are stored relative to OUT, which holds the quick start's maps."""
+    with open(os.path.join(args.out, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for q, rec in enumerate(batch[:args.log_samples]):
+            part = slice(q * k, (q + 1) * k)
+            figure = rec.get("figure") and os.path.relpath(data_mod.figure_path(rec, data_path), args.out)
+            line = report.group(rec, rollout.texts[part], figure=figure, step=step, stage=stage,
+                                advantages=advantages[part].tolist(),
+                                truncated=rollout.truncated[part], reward_kw=reward_options(args))
+            f.write(json.dumps(line) + "\n")
+
+
 def log_row(out_dir, row):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -749,6 +774,8 @@ def main(argv=None):
         rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
         adv = grpo.group_advantages(rewards, k, scale=args.adv_scale) if args.algo == "grpo" \
             else torch.zeros_like(rewards)
+        if rank == 0 and args.log_samples:
+            log_samples(args, step + 1, stage, batch, rollout, adv, k, data_path)
         t2 = time.time()
         opt.zero_grad(set_to_none=True)
         loss, stats = update(wrapped, policy, ref, rollout, adv, args, world, device,
@@ -798,6 +825,8 @@ def main(argv=None):
         print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
     del wrapped                      # DDP's reducer goes before the process group
     model_mod.close_distributed()
+    if rank == 0:                    # after teardown: nothing here can leave other ranks waiting
+        print(f"report: {report.write(os.path.join(args.out, 'report.html'), run=args.out)}")
 
 
 if __name__ == "__main__":
