@@ -4,6 +4,7 @@
     torchrun --standalone --nproc_per_node=N eval.py --model DIR --data FILE.jsonl --out report.json
     python eval.py --rescore report.answers.jsonl --out report.json    # no model: re-score saved answers
     python eval.py --compare A.json B.json                             # two reports side by side
+    python eval.py --rescore report.answers.jsonl --run runs/x --html report.html   # HTML report
     python eval.py --model DIR --data FILE.jsonl --out density.json --density 8 --limit 64
 
 Greedy decoding, 2048 new tokens (§5.1). Every answer is written beside the report
@@ -29,12 +30,16 @@ included), so an answers file re-scores on its own at the cost of some disk.
 `--density K` samples K answers per question at temperature 1.0 and reports, per question type and
 reward mode, zero_std_frac (groups whose K rewards are all equal: no GRPO signal, §4.2's sparse
 reward problem) and mean |advantage| with the paper's centred advantage (§4.1).
+
+`--html OUT.html` renders the answers (with the model, or --rescore without it) and/or a train.py
+run folder (`--run DIR`: its curves and logged samples) as one self-contained page: report.py.
 """
 import argparse
 import json
 import os
 import sys
 
+import report as report_mod
 import reward
 
 PLUS_COUNT = ("Counting1", "Counting2", "Counting3")
@@ -378,6 +383,51 @@ def save(out, report, rows):
         json.dump(report, f, indent=1, ensure_ascii=False)
 
 
+def figure_source(args):
+    """The data file that answer records' figures are relative to: --data, else the one named by
+    the report saved beside the answers (eval.py writes X.json beside X.answers.jsonl)."""
+    if args.data or not args.rescore or not args.rescore.endswith(".answers.jsonl"):
+        return args.data
+    beside = args.rescore[:-len(".answers.jsonl")] + ".json"
+    if not os.path.exists(beside):
+        return None
+    with open(beside, encoding="utf-8") as f:
+        return json.load(f).get("data")
+
+
+def write_html(args, report, rows):
+    """--html: the answers (if any), each re-explained by reward.explain, and the --run folder."""
+    source = figure_source(args)
+    groups = [report_mod.group(row["record"],
+                               row["responses"] if "responses" in row else [row["response"]],
+                               truncated=None if "responses" in row else [row["truncated"]],
+                               figure=data_figure(row["record"], source))
+              for row in rows or ()]
+    if report is None:
+        summary, note = (), ""
+    elif "density" in report:
+        summary = [(f"zero-std {t}", _num(modes["+detail+weight"]["zero_std_frac"]))
+                   for t, modes in report["density"].items()]
+        note = (f"Share of groups whose K = {report['k']} rewards (the full reward, + detail + "
+                "weight) are all equal: no GRPO signal. The other reward modes are in the JSON.")
+    else:
+        summary = [("questions", str(report["n"]))] + [(c, _fmt(f(report), s)) for c, f, s in TABLE1]
+        note = ("RM: ReasonMap route planning, weighted accuracy % (RM §B.3) and map score "
+                "(RM Alg. 2), short / long template; Plus: ReasonMap-Plus weighted accuracy % "
+                "(App. C.1). The paper's Table 1 columns.")
+    name = args.rescore or args.model
+    return report_mod.write(args.html, run=args.run, eval_groups=groups, summary=summary,
+                            summary_note=note, title=name and f"evaluation {name}",
+                            per_type=args.html_questions)
+
+
+def data_figure(record, source):
+    if not record.get("figure"):
+        return None
+    import data as data_mod
+    return data_mod.figure_path(record, source) if source else record["figure"]
+
+
 def load_report(path):
     with open(path, encoding="utf-8") as f:
         report = json.load(f)
@@ -470,6 +520,11 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rescore", metavar="ANSWERS", help="re-score saved answers; no model")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two reports side by side")
+    # the HTML report (report.py)
+    p.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
+    p.add_argument("--run", metavar="DIR", help="a train.py --out folder to include in --html")
+    p.add_argument("--html-questions", type=int, default=report_mod.PER_TYPE, metavar="N",
+                   help="questions shown per type and source in --html")
     args = p.parse_args(argv)
 
     if args.compare:
@@ -483,22 +538,30 @@ def main(argv=None):
         p.error("--density K needs K >= 2 (a group of one has no spread)")
     if args.limit < 0:
         p.error("--limit must be >= 0")
+    if args.run and not args.html:
+        p.error("--run is for --html")
+    if args.html_questions < 0:
+        p.error("--html-questions must be >= 0")
+    report = rows = None
     if args.rescore:
-        if not args.out:
-            p.error("--rescore needs --out")
+        if not (args.out or args.html):
+            p.error("--rescore needs --out or --html")
         report, rows = rescore(args.rescore, args.data)
         report["rescored_from"] = args.rescore
-    else:
+    elif args.model or args.out or not (args.html and args.run):
         if not (args.model and args.data and args.out):
-            p.error("--model, --data and --out are required (or --rescore / --compare)")
+            p.error("--model, --data and --out are required (or --rescore / --compare / --html --run)")
         report, rows = run_model(args)
         if report is None:  # not rank 0
             return 0
         report.update(model=args.model, data=args.data, max_new_tokens=args.max_new_tokens,
                       limit=args.limit)
-    save(args.out, report, rows)
-    print(density_markdown(report) if "density" in report else markdown(report))
-    print(f"\nwrote {args.out} and {answers_path(args.out)}")
+    if args.out:
+        save(args.out, report, rows)
+        print(density_markdown(report) if "density" in report else markdown(report))
+        print(f"\nwrote {args.out} and {answers_path(args.out)}")
+    if args.html:
+        print(f"wrote {write_html(args, report, rows)}")
     return 0
 
 

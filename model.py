@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration)
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
@@ -54,6 +55,11 @@ CHAT_TEMPLATE = (
 # a CPU step stays fast. Real models keep their own processor settings unless --max-pixels is given.
 TINY_MIN_PIXELS = 56 * 56
 TINY_MAX_PIXELS = 112 * 112
+
+# One chunk of the log-prob path holds at most this many bytes of fp32 logits (tokens x vocab).
+# 256 MiB is ~440 tokens of Qwen's 151,936-word vocabulary; the chunk's backward peaks at about
+# three such tensors (logits, log-softmax, its gradient). The tiny model fits in one chunk.
+LOGPROB_CHUNK_BYTES = 256 * 2**20
 
 
 class ImageProcessor(Qwen2_5_VLProcessor):
@@ -182,7 +188,17 @@ def init_distributed(threads=None):
         threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        kwargs = {}
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one TCPStore across `--max-restarts` attempts and env:// adds no
+            # per-attempt prefix, so a restarted rank can read a dead peer's address (gloo:
+            # "connectFullMesh failed ... Connection refused", 3 restarts in 4 here; NCCL:
+            # pytorch/pytorch#167288). Each attempt gets keys of its own.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=False)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            kwargs = dict(store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=rank, world_size=world)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", **kwargs)
     return rank, world, device
 
 
@@ -479,7 +495,8 @@ def select(rollout, rows):
         has_image=[rollout.has_image[q] for q in qs], suppress_ids=rollout.suppress_ids)
 
 
-def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True):
+def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True,
+                   chunk_bytes=None):
     """Teacher-forced log p(completion token) under the sampling distribution: [B*K, T] float32.
 
     Same processing as generate(): logits / temperature, vision tokens masked out, M-RoPE positions
@@ -489,6 +506,12 @@ def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True
     Positions past end-of-turn are 0 (mask them with rollout.completion_mask).
     share_image_features=False repeats the pixels K times through the model's own forward instead
     (needed under FSDP2, whose all-gather of the vision tower happens in the root forward).
+
+    Memory: the model runs without its output head and the head is applied here, to the completion
+    tokens only, a chunk at a time, each chunk recomputed in backward (_head_logprobs). The full
+    [B*K, T, V] logits (8 x 2,048 x 151,936 in fp32 = 10 GB, three such tensors with log-softmax and
+    its backward: the largest item of a GRPO step, DESIGN §8) never exist; chunk_bytes bounds one
+    chunk's fp32 logits (default LOGPROB_CHUNK_BYTES).
     """
     net = _unwrap(model)
     k = rollout.num_samples
@@ -512,12 +535,39 @@ def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True
         feats.pooler_output = shared
         kwargs["mm_encoder_outputs"] = {"image": feats}
         kwargs["image_grid_thw"] = grid.repeat_interleave(k, dim=0)
-    # Call through `model` (not `net`) so DDP sees the forward and syncs gradients.
-    logits = model(**kwargs).logits[:, :-1].float()
+    # Call through `model` (not `net`) so DDP sees the forward and syncs gradients. With the head
+    # swapped out, .logits are the final (normed) hidden states of the last T+1 positions.
+    head = net.lm_head
+    net.lm_head = torch.nn.Identity()
+    try:
+        hidden = model(**kwargs).logits[:, :-1]
+    finally:
+        net.lm_head = head
+    # Read the weight after the forward: FSDP2 puts the gathered parameter on the module there.
+    mask = rollout.completion_mask.to(device) > 0
+    targets = rollout.completion_ids.to(device)[mask]
+    suppress = torch.tensor(rollout.suppress_ids, dtype=torch.long, device=device)
+    per_chunk = max(1, (chunk_bytes or LOGPROB_CHUNK_BYTES) // (4 * head.weight.shape[0]))
+    flat = hidden[mask]                                  # [N, H]: completion tokens only
+    parts = []   # at least one (maybe empty) chunk, so the graph reaches every parameter (DDP)
+    for i in range(0, max(flat.shape[0], 1), per_chunk):
+        args = (flat[i:i + per_chunk], head.weight, targets[i:i + per_chunk], temperature, suppress)
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(_head_logprobs, *args, use_reentrant=False,
+                                    preserve_rng_state=False))
+        else:
+            parts.append(_head_logprobs(*args))
+    return torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_scatter(
+        mask, torch.cat(parts))
+
+
+def _head_logprobs(hidden, weight, targets, temperature, suppress):
+    """log softmax(hidden @ weight.T / temperature)[target] for [n, H] hidden states, fp32, with
+    the suppressed ids at -inf as in the sampler. Checkpointed by the caller: its [n, V] tensors
+    live only inside this call, in forward and again in backward."""
+    logits = F.linear(hidden, weight).float()
     if temperature != 1.0:
         logits = logits / temperature
-    if rollout.suppress_ids:
-        logits[..., rollout.suppress_ids] = float("-inf")
-    targets = rollout.completion_ids.to(device)
-    logp = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    return logp * rollout.completion_mask.to(device)
+    if suppress.numel():
+        logits = logits.index_fill(-1, suppress, float("-inf"))
+    return torch.gather(F.log_softmax(logits, dim=-1), 1, targets.unsqueeze(-1)).squeeze(-1)

@@ -3,8 +3,9 @@
 Shared by train.py (rewards for GRPO) and eval.py (accuracy, map score): one parser, one scorer.
 No torch, no model code, never evaluates model text.
 
-    from reward import compute_reward, map_score
+    from reward import compute_reward, explain, map_score
     compute_reward(response, record)   # {"format", "correctness", "detail", "weight", "total"}
+    explain(response, record)          # the same, plus "trace": the Alg. 1 lines that fired
     python test_all.py reward          # its tests
 
 Everything that reads model text takes any string of any size (or even a non-string) and never
@@ -47,6 +48,62 @@ def normalize_line(name):
     text = _base(name).replace(" ", "")
     text = _LINE_PREFIX.sub("", text) or text
     return _LINE_SUFFIX.sub("", text) or text
+
+
+# ReasonMap's reference routes name lines as the map services do (RM §3: Gaode in China, Google
+# elsewhere). Its evaluator (main.py) maps them per city with a chain of regexes; here one set of
+# rules does it for every city, plus the names no rule can derive (from that evaluator).
+SERVICE_LINE_ALIASES = {
+    "beijing": {"八通线": "Line 1", "大兴线": "Line 4"},     # through-running extensions
+    "kl": {"KTM Batu Caves - Pulau Sebang/Tampin": "Line 1",
+           "KTM Tanjung Malim - Pelabuhan Klang": "Line 2", "Ampang Line": "Line 3",
+           "LRT Sri Petaling Line": "Line 4", "LRT Kelana Jaya Line": "Line 5",
+           "MRT Kajang Line": "Line 9", "MRT Putrajaya Line": "Line 12"},
+}
+# "-es"/"-as" end Budapest's "M1-es metróvonal"; _base has already split them off.
+_SERVICE_WORDS = {"metro", "metrorail", "subway", "linea", "line", "route", "train", "mrt", "lrt",
+                  "ktm", "metróvonal", "es", "as"}
+_SERVICE_CJK = re.compile(r"^(?:地铁|轨道交通)|(?:号线|线)$")
+_TRAILING_NUMBER = re.compile(r"(?<=[^\W\d_])\d+$")
+
+
+def _service_key(name):
+    return _SERVICE_CJK.sub("", "".join(w for w in _base(name).split() if w not in _SERVICE_WORDS))
+
+
+def _abbreviates(short, word):
+    """'sth' -> 'southern', 'grn' -> 'green': same first letter, the rest in order."""
+    if len(short) < 2 or short == word or short[0] != word[:1]:
+        return False
+    rest = iter(word)
+    return all(ch in rest for ch in short)
+
+
+def service_line(name, lines, city=None):
+    """The Metro Data line (one of `lines`) that a map service's route name means, or None.
+
+    '地铁5号线(后关--虎滩新区)' -> 'Line 5', '地铁昌平线(…)' -> '昌平线', 'Metro A Line' /
+    'Metro B-Line' -> 'Line A' / 'Line B', 'Linea C' -> 'Line C', 'B1' (Rome) -> 'Line B',
+    'M1-es metróvonal' -> 'Line 1' (Budapest) but 'M1' -> 'Line M1' (Sydney), 'MRed2' -> 'Red Line',
+    'MGrn' -> 'Green Line', 'Sth' -> 'Southern Line', '5 Train' -> '5', '12' -> 'Line 12'.
+    Rules are tried in that order of boldness; a rule counts only if exactly one line fits."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        return None
+    key = _service_key(name)
+    for alias, line in SERVICE_LINE_ALIASES.get(city, {}).items():
+        if line in lines and _service_key(alias) == key:
+            return line
+    keys = {line: {normalize_line(line), _service_key(line)} for line in lines}
+    tries = [normalize_line(name), key]
+    if key[:1] == "m":
+        tries.append(key[1:])                             # M1 (Budapest), MRed2 (Dubai)
+    tries += [_TRAILING_NUMBER.sub("", t) for t in tries]   # B1 (Rome's branch), Red2
+    for fits in (lambda t, k: t == k, _abbreviates):
+        for t in tries:
+            hits = [line for line in lines if t and any(fits(t, k) for k in keys[line])]
+            if len(hits) == 1:
+                return hits[0]
+    return None
 
 
 # Model text can put megabytes into one field. No stop or line name is this long, so such a field
@@ -337,16 +394,20 @@ def _route_ok(lookup, line, dep, arr):
     return False
 
 
-def _planning(record, sections):
+def _planning(record, sections, trace=None):
     """(correct, detail) for parsed sections; the official check (RM §B.1) and Alg. 1.
     The release looks route names up verbatim in the Metro Data (with two Beijing aliases,
     八通 -> Line 1 and 大兴 -> Line 4, hard-coded); here lines and stops match after DESIGN.md §3
-    normalisation, so "1号线" and "Line 1" are one line. Optimality is not checked (nor there)."""
+    normalisation, so "1号线" and "Line 1" are one line. Optimality is not checked (nor there).
+    trace: a list that receives each Alg. 1 line that fires as (points, reason), for explain();
+    compute_reward passes None, and then only a fired line pays one `is not None` test."""
     lookup = _metro_lookup(record.get("metro"))
     s1 = _stop_key(_need(record, "station_1", str, "a stop name"))
     s2 = _stop_key(_need(record, "station_2", str, "a stop name"))
     transfers = _transfers(record)
     if not sections:
+        if trace is not None:
+            trace.append((0.0, "no section parses (Route Name, Departure Stop, Arrival Stop)"))
         return False, 0.0
     keys = _keyed(sections)
     n = len(keys)
@@ -366,14 +427,38 @@ def _planning(record, sections):
     #  - it gives +3 per existing line on transfer routes (and +4 only to a direct route on the
     #    line through both endpoints) instead of the paper's +4 for a valid first segment.
     score = 2.0 if first or last else 0.0
+    if score and trace is not None:
+        trace.append((2.0, _endpoint_reason(record, first, last)))
     for i in range(n):                     # i = transfers made before segment i
         if i > transfers:
             score -= 5.0
+            if trace is not None:
+                trace.append((-5.0, f"segment {i + 1} follows transfer {i}, more than the "
+                                    f"question's fewest ({transfers})"))
         if i == 0 and ok[0]:
             score += 4.0
+            if trace is not None:
+                trace.append((4.0, f"segment 1: route name {_quote(sections[0][0])} exists and "
+                                   "serves both its stops"))
         if ok[i] and i < n - 1 and linked[i]:
             score += 1.0
+            if trace is not None:
+                trace.append((1.0, f"segment {i + 1} is on its line and arrives where segment "
+                                   f"{i + 2} departs ({_quote(sections[i][2])})"))
+    if score > 10.0 and trace is not None:
+        trace.append((10.0 - score, "cap at 10"))
     return correct, min(score, 10.0)      # no lower bound, as printed
+
+
+def _quote(text, limit=60):
+    """Model text inside a trace line: quoted, at most `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _endpoint_reason(record, first, last):
+    departure = f"departure matches station_1 ({record['station_1']!r})"
+    arrival = f"arrival matches station_2 ({record['station_2']!r})"
+    return f"{departure} and {arrival}" if first and last else departure if first else arrival
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,21 +469,50 @@ def compute_reward(response, record, *, alpha=0.5, difficulty_aware=True, detail
     Alg. 1, <= 10, may be negative; 0 when detail=False), weight (1 when difficulty_aware=False),
     total = weight * (format + correctness + alpha * detail). The released code has no format
     term (10·acc + 0.5·detail); the paper's R_format is kept here at 1 point."""
+    return _reward(response, record, alpha, difficulty_aware, detail, None)
+
+
+def explain(response, record, *, alpha=0.5, difficulty_aware=True, detail=True):
+    """compute_reward's dict plus "trace": [(points, reason), ...]. Planning: every line of Alg. 1
+    that fired, in order (the cap included), so the points sum to "detail" exactly. Other types:
+    one line, the parsed answer against the gold one (0 points: they have no detail term)."""
+    trace = []
+    out = _reward(response, record, alpha, difficulty_aware, detail, trace)
+    out["trace"] = trace
+    return out
+
+
+def _reward(response, record, alpha, difficulty_aware, detail, trace):
     kind = _type(record)
     weight = difficulty_weight(record) if difficulty_aware else 1.0
     if kind == "planning":
         sections = _sections(response)
-        correct, det = _planning(record, sections)
+        correct, det = _planning(record, sections, trace if detail else None)
         fmt = 1.0 if sections else 0.0
+        if trace is not None and not detail:
+            trace.append((0.0, "detail reward off (the --no-detail ablation)"))
     else:
         expected = _plus_expected(record, kind)
         box = parse_boxed(response)
         fmt = 1.0 if box is not None and box.strip() else 0.0
-        correct, det = _plus_answer(kind, box) == expected, 0.0
+        answer = _plus_answer(kind, box)
+        correct, det = answer == expected, 0.0
+        if trace is not None:
+            trace.append((0.0, _plus_reason(box, answer, expected)))
     det = det if detail else 0.0
     cor = CORRECT if correct else 0.0
     return {"format": fmt, "correctness": cor, "detail": det, "weight": weight,
             "total": weight * (fmt + cor + alpha * det)}
+
+
+def _plus_reason(box, answer, expected):
+    if box is None:
+        got = "no \\boxed{} answer"
+    elif answer is None:
+        got = f"boxed {_quote(box)} does not parse as an answer of this type"
+    else:
+        got = f"answer {answer!r}"
+    return f"{got}; gold {expected!r}: " + ("right" if answer == expected else "wrong")
 
 
 # ---------------------------------------------------------------------------------------------

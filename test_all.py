@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import collections  # noqa: E402  (after the environment is set)
 import contextlib
 import glob
+import html.parser
 import inspect
 import io
 import json
@@ -410,6 +411,413 @@ def test_data_real_build_split_and_answers():
         assert qtc.count(0) >= 20 and qtc.count(1) >= 20 and sum(q >= 2 for q in qtc) >= 20
         ny = [r for r in tr if r["city"] == "new_york"]
         assert ny and not any("125 St" in (r["station_1"], r["station_2"]) for r in ny)
+
+
+# ---------------------------------------------------------------------------------------------
+# data.py release: the authors' released files, as fixtures written here in their formats
+# (Parquet with their columns, a datasets save_to_disk folder, base64 maps) on real Metro Data
+
+def _need_release():
+    root = need_reasonmap()
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        skip("pyarrow is absent (an optional extra: pip install pyarrow)")
+    return root
+
+
+def _stations(root, *cities):
+    return {c: json.load(open(os.path.join(root, "stations", c + ".json"), encoding="utf-8"))
+            for c in cities}
+
+
+def _png(color):
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2)
+
+
+def _plus_row(type_, answer, city, question, s1=None, s2=None, difficulty="middle"):
+    country, name = city.split("/")
+    return {"question": question, "answer": answer, "type": type_, "figure": f"./maps/{city}.png",
+            "country": country, "city": name, "station_1": s1, "station_2": s2,
+            "difficulty_city": difficulty, "city_line_count": 3, "city_transfer_count": 7,
+            "question_transfer_count": -1, "json": f"./stations/{city}.json", "__index_level_0__": 0}
+
+
+PLUS_ROWS = [   # (row, expected answer, options, line, station_2)
+    (_plus_row("TorF1", 1, "united_arab_emirates/dubai", "Are Danube Station and Energy Station on "
+               "the same line? Answer yes or no in \\boxed{}.", "Danube Station", "Energy Station"),
+     "yes", None, None, "Energy Station"),
+    (_plus_row("TorF1", 0, "united_arab_emirates/dubai", "Are Creek Station and Max Station on the "
+               "same line?", "Creek Station", "Max Station"), "no", None, None, "Max Station"),
+    (_plus_row("TorF2", 1, "malaysia/kl", "Is Kwasa Damansara Station a stop of Line 12? \\boxed{}",
+               "Kwasa Damansara Station"), "yes", None, "Line 12", None),
+    (_plus_row("TorF2", 0, "singapore/singapore", "Is Tuas Link Station on the North East Line?",
+               "Tuas Link Station (Transfer Station)"), "no", None, "North East Line", None),
+    (_plus_row("TorF2", 1, "malaysia/kl", "Is Putra Station on this line?", "Putra Station",
+               "Line 1"), "yes", None, "Line 1", None),
+    # the authors' own example (RewardMap README): 0-3 index the options, B = 1
+    (_plus_row("Counting1", 1, "united_arab_emirates/dubai", "Please solve the multiple choice "
+               "problem and put your answer (one of ABCD) in one \"\\boxed{}\". According to the "
+               "subway map, how many intermediate stops are there between Danube Station and lbn "
+               "Battuta Station (except for this two stops)? \nA) 8 \nB) 1 \nC) 25 \nD) 12 \n",
+               "Danube Station", "lbn Battuta Station"), "B", [8, 1, 25, 12], None,
+     "lbn Battuta Station"),
+    (_plus_row("Counting2", 2, "hungary/budapest", "How many lines pass through Deák Ferenc tér "
+               "Station?", "Deák Ferenc tér Station"), 2, None, None, None),
+    (_plus_row("counting3", 3, "italy/rome", "How many lines are there on the map?"), 3, None,
+     None, None),
+]
+
+
+def _saved_train(folder, rows, dataset_dict=True):
+    """A datasets save_to_disk folder: dataset_dict.json, train/ with two Arrow IPC stream shards,
+    state.json listing them and dataset_info.json (what utils/download_dataset.py leaves); or,
+    saved from a Dataset rather than a DatasetDict, the split's files at the top."""
+    import pyarrow as pa
+    split = os.path.join(folder, "train") if dataset_dict else folder
+    os.makedirs(split)
+    table = pa.Table.from_pylist(rows)
+    names = ["data-00000-of-00002.arrow", "data-00001-of-00002.arrow"]
+    half = len(rows) // 2
+    for name, part in zip(names, (table.slice(0, half), table.slice(half))):
+        with pa.OSFile(os.path.join(split, name), "wb") as sink, \
+                pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(part)
+    if dataset_dict:
+        with open(os.path.join(folder, "dataset_dict.json"), "w") as f:
+            json.dump({"splits": ["train"]}, f)
+    with open(os.path.join(split, "state.json"), "w") as f:
+        json.dump({"_data_files": [{"filename": n} for n in names], "_split": "train",
+                   "_fingerprint": "0", "_format_type": None}, f)
+    with open(os.path.join(split, "dataset_info.json"), "w") as f:
+        json.dump({"features": {}, "splits": {"train": {"num_examples": len(rows)}}}, f)
+
+
+_PLAN_HEAD = "Plan a route from {} to {}. Use this format, sections separated by --:\n"
+_FIELDS = "Route Name: ...\nDeparture Stop: ...\nArrival Stop: ...\n"
+
+
+def _train_rows():
+    oslo = ("Frognerseteren Station", "Holmenkollen Station")
+    rows = [(_plus_row("TorF1", 1, "norway/oslo", "Are Frognerseteren Station and Skogen Station "
+                       "on the same line?", "Frognerseteren Station", "Skogen Station"), "yes"),
+            (_plus_row("TorF2", 1, "switzerland/geneva", "Is Cirque Station on Line 15?",
+                       "Cirque Station"), "yes"),
+            (_plus_row("Counting3", 2, "america/miami", "How many lines are on this map?"), 2)]
+    for template, extra, qtc in (("short", "", 0), ("long1", "Number of Via Stops: ...\n", -1),
+                                 ("long2", "Via Stops: ...\n", 0)):
+        row = _plus_row("planning", -1, "norway/oslo", _PLAN_HEAD.format(*oslo) + _FIELDS + extra, *oslo)
+        row["question_transfer_count"] = qtc
+        rows.append((row, template))
+    return rows
+
+
+def _rm_row(city, s1, s2, routes, long_extra, metro, figure, qtc=None, level="easy"):
+    country, name = city.split("/")
+    return {"question_short": _PLAN_HEAD.format(s1, s2) + _FIELDS,
+            "question_long": _PLAN_HEAD.format(s1, s2) + _FIELDS + long_extra,
+            "station_1": s1, "station_2": s2, "country": country, "city": name,
+            "difficulty_city": level, "difficulty_question": "easy", "city_line_count": 3,
+            "city_transfer_count": 1, "question_transfer_count": qtc, "routes": routes,
+            "json": metro, "figure": figure}
+
+
+def _release_fixture(tmp, root):
+    """Plus test Parquet, ReasonMap-Train save_to_disk folder, ReasonMap Parquet with base64 maps
+    (json as objects: Arrow makes a struct of every city's lines, null where absent), a second
+    ReasonMap file with json and routes as JSON text. Dalian is left out of --stations."""
+    import base64
+    stations = os.path.join(tmp, "stations")
+    for city in ("united_arab_emirates/dubai", "malaysia/kl", "singapore/singapore",
+                 "hungary/budapest", "italy/rome", "norway/oslo", "switzerland/geneva",
+                 "america/miami", "china/hangzhou"):
+        os.makedirs(os.path.join(stations, os.path.dirname(city)), exist_ok=True)
+        with open(os.path.join(stations, city + ".json"), "w", encoding="utf-8") as f:
+            json.dump(_stations(root, city)[city], f, ensure_ascii=False)
+    metro = _stations(root, "china/dalian", "italy/rome")
+    rome_b64, dalian_b64 = (base64.b64encode(_png(c)).decode() for c in ("red", "blue"))
+    via5 = ["虎滩公园", "秀月街", "桃源", "青云街", "石葵路"]
+    rows = [
+        _rm_row("china/dalian", "虎滩新区站", "劳动公园站",
+                {"route_1": [{"route_name": "地铁5号线(后关--虎滩新区)", "departure_stop": "虎滩新区",
+                              "arrival_stop": "劳动公园", "via_stops": via5, "num_via_stops": 5}],
+                 "route_2": None},
+                "Number of Via Stops: ...\n", metro["china/dalian"], dalian_b64, qtc=0),
+        _rm_row("italy/rome", "Battistini Station", "Colosseo Station",
+                {"route_1": [{"route_name": "Linea A", "departure_stop": "Battistini",
+                              "arrival_stop": "Termini", "via_stops": [], "num_via_stops": 10},
+                             {"route_name": "B1", "departure_stop": "Termini",
+                              "arrival_stop": "Colosseo", "via_stops": [], "num_via_stops": 1}],
+                 "route_2": [{"route_name": "Tram 8", "departure_stop": "Battistini",
+                              "arrival_stop": "Colosseo", "via_stops": [], "num_via_stops": 3}]},
+                "Via Stops: ...\n", metro["italy/rome"], rome_b64, qtc=1, level="middle"),
+        _rm_row("italy/rome", "Cipro Station", "Lepanto Station",
+                {"route_1": [{"route_name": "Metro A", "departure_stop": "Cipro",
+                              "arrival_stop": "Lepanto", "via_stops": [], "num_via_stops": 1}],
+                 "route_2": None},
+                "Number of Via Stops: ...\n", metro["italy/rome"], rome_b64, level="middle"),
+    ]
+    paths = {"plus": os.path.join(tmp, "ReasonMap-Plus", "data", "test.parquet"),
+             "train": os.path.join(tmp, "ReasonMap-Train"),
+             "rm": os.path.join(tmp, "ReasonMap", "data", "reasonmap-1008-validation.parquet"),
+             "rm_text": os.path.join(tmp, "ReasonMap", "data", "reasonmap-1008-train.parquet"),
+             "stations": stations, "maps": os.path.join(root, "maps"), "out": os.path.join(tmp, "out")}
+    _parquet(paths["plus"], [r for r, *_ in PLUS_ROWS])
+    _saved_train(paths["train"], [r for r, _ in _train_rows()])
+    _parquet(paths["rm"], rows)
+    text_row = dict(rows[0], json=json.dumps(metro["china/dalian"], ensure_ascii=False),
+                    routes=json.dumps([rows[0]["routes"]["route_1"]], ensure_ascii=False),
+                    figure="data:image/png;base64," + dalian_b64)
+    _parquet(paths["rm_text"], [text_row])
+    return paths
+
+
+def _release(paths, *keys, **kw):
+    lines = []
+    out = data.release([paths[k] for k in keys], paths["maps"], paths["stations"], paths["out"],
+                       report=lambda s: lines.append(data.release_report(s)), **kw)
+    return out, "\n".join(lines)
+
+
+def test_data_release_service_line_names():
+    """Map services' route names (ReasonMap's references) -> Metro Data lines, on the real data;
+    the cases are the ones ReasonMap's main.py lists city by city."""
+    root = need_reasonmap()
+    cases = {"china/dalian": {"地铁5号线(后关--虎滩新区)": "Line 5"},
+             "china/beijing": {"地铁昌平线(昌平西山口--蓟门桥)": "昌平线", "地铁2号线(8号线)": "Line 2",
+                               "地铁八通线(花庄--古城)": "Line 1", "大兴线": "Line 4", "S1线": None},
+             "america/los_angeles": {"Metro A Line": "Line A", "Metro B-Line": "Line B"},
+             "italy/rome": {"A": "Line A", "B1": "Line B", "Metro B": "Line B", "Linea C": "Line C",
+                            "Tram 8": None},
+             "new_zealand/auckland": {"West": "Western Line", "Sth": "Southern Line", "East": "Eastern Line"},
+             "hungary/budapest": {"M1-es Metróvonal": "Line 1", "M3-as metróvonal": "Line 3"},
+             "australia/sydney": {"M1": "Line M1"},
+             "united_arab_emirates/dubai": {"MRed2": "Red Line", "MRed1": "Red Line", "MGrn": "Green Line"},
+             "malaysia/kl": {"MRT Putrajaya Line": "Line 12", "KTM Batu Caves - Pulau Sebang/Tampin": "Line 1",
+                             "LRT Kelana Jaya Line": "Line 5"},
+             "portugal/lisboa": {"Azul": "Azul"}, "switzerland/geneva": {"12": "Line 12"},
+             "singapore/singapore": {"North East Line": "North East Line", "South Line": None},
+             "america/miami": {"Metrorail Orange Line": "Metrorail Orange Line"},
+             "america/new_york": {"5 Train": "5", "Q Train": "Q", "1 Line": "1"}}
+    for city, names in cases.items():
+        lines = list(_stations(root, city)[city])
+        for name, want in names.items():
+            assert reward.service_line(name, lines, city.split("/")[1]) == want, (city, name)
+    assert reward.service_line("八通线", ["Line 1"], "shanghai") is None   # aliases are per city
+    assert reward.service_line("x" * 10_000, ["Line 1"]) is None
+
+def test_data_release_plus_parquet_every_mapping():
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        (summary,), text = _release(paths, "plus")
+        recs = data.load_records(os.path.join(paths["out"], "test.jsonl"))
+        metros = _stations(root, "malaysia/kl", "united_arab_emirates/dubai")
+    assert [r["id"] for r in recs] == [f"ReasonMap-Plus/test/{i}" for i in range(len(PLUS_ROWS))]
+    for rec, (row, answer, options, line, s2) in zip(recs, PLUS_ROWS):
+        assert rec["type"].lower() == row["type"].lower() and rec["question"] == row["question"]
+        assert rec["answer"] == answer and rec["options"] == options, rec["id"]
+        assert rec["line"] == line and rec["station_2"] == s2, rec["id"]
+        assert rec["figure"] == os.path.relpath(os.path.join(root, "maps", row["country"],
+                                                row["city"] + ".png"), paths["out"])
+        assert rec["metro"] == data.load_metro(os.path.join(root, "stations", row["country"],
+                                                            row["city"] + ".json"))
+        assert rec["difficulty_city"] == "middle" and rec["city_line_count"] == 3
+        assert rec["question_transfer_count"] is None     # the Plus placeholder -1 is not kept
+    assert recs[3]["station_1"] == "Tuas Link Station"  # marker removed
+    assert recs[7]["type"] == "Counting3"                 # type read case-insensitively
+    # the authors' Counting1 example, re-derived on the Metro Data: 1 stop (Energy) between them
+    dubai = data.load_metro(os.path.join(root, "stations", "united_arab_emirates", "dubai.json"))
+    assert data.stops_between(dubai, "Red Line", "Danube Station", "lbn Battuta Station") == 1
+    assert "Line 1" in metros["malaysia/kl"] and "Line 12" in metros["malaysia/kl"]
+    assert "8 rows, 8 records" in text and "TorF1=2  TorF2=3  Counting1=1  Counting2=1  Counting3=1" in text
+    assert "columns not used: __index_level_0__" in text and "lost" not in text
+    assert summary["rows"] == 8 and not summary["lost"]
+
+
+def test_data_release_saved_train_and_base64_reasonmap():
+    import base64
+    from unittest import mock
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        with mock.patch("base64.b64decode", wraps=base64.b64decode) as decode:
+            _, text = _release(paths, "train", "rm", "rm_text")
+        assert decode.call_count == 2          # one decode per city (dalian, rome), reused across files
+        out = paths["out"]
+        train = data.load_records(os.path.join(out, "ReasonMap-Train-train.jsonl"))
+        rm = data.load_records(os.path.join(out, "reasonmap-1008-validation.jsonl"))
+        rm_text = data.load_records(os.path.join(out, "reasonmap-1008-train.jsonl"))
+        maps = {c: open(os.path.join(out, "maps", c + ".png"), "rb").read()
+                for c in ("italy/rome", "china/dalian")}
+        paths["out"] = os.path.join(tmp, "out2")          # the data:image/png;base64, form alone
+        _release(paths, "rm_text")
+        dalian_again = open(os.path.join(tmp, "out2", "maps", "china", "dalian.png"), "rb").read()
+    # ReasonMap-Train: two Arrow shards numbered as one split; answers and templates
+    assert [r["id"] for r in train] == [f"ReasonMap-Train/train/{i}" for i in range(6)]
+    expected = [a for _, a in _train_rows()]
+    assert [r["answer"] if r["type"] != "planning" else r["template"] for r in train] == expected
+    oslo = data.load_metro(os.path.join(root, "stations", "norway", "oslo.json"))
+    ride = ["Voksenkollen", "Lillevann", "Skogen", "Voksnia"]
+    for r in train[3:]:   # no routes column: the oracle's; -1 transfer count -> the routes' fewest
+        assert r["routes"] == [[{"route_name": "Line 1", "departure_stop": "Frognerseteren Station",
+                                 "arrival_stop": "Holmenkollen Station",
+                                 "via_stops": [s + " Station" for s in ride]}]]
+        assert r["question_transfer_count"] == 0 and r["answer"] is None and r["metro"] == oslo
+    assert train[1]["line"] == "Line 15"
+    # ReasonMap: two records a row, service route names in Metro Data names, via stops ridden
+    assert [r["id"] for r in rm] == [f"ReasonMap/reasonmap-1008-validation/{i}/{p}"
+                                     for i in range(3) for p in ("short", "long")]
+    assert [r["template"] for r in rm] == ["short", "long1", "short", "long2", "short", "long1"]
+    dalian = data.load_metro(os.path.join(root, "stations", "china", "dalian.json"))
+    assert rm[0]["metro"] == dalian        # from the row's json: a struct of both cities' lines
+    assert rm[0]["routes"] == [[{"route_name": "Line 5", "departure_stop": "虎滩新区站",
+                                 "arrival_stop": "劳动公园站",
+                                 "via_stops": ["虎滩公园站", "秀月街站", "桃源站", "青云街站", "石葵路站"]}]]
+    rome_a = ["Cornelia", "Baldo degli Ubaldi", "Valle Aurelia", "Cipro", "Ottaviano", "Lepanto",
+              "Flaminio", "Spagna", "Barberini", "Repubblica"]
+    assert rm[2]["routes"][0] == [
+        {"route_name": "Line A", "departure_stop": "Battistini Station", "arrival_stop": "Termini Station",
+         "via_stops": [s + " Station" for s in rome_a]},
+        {"route_name": "Line B", "departure_stop": "Termini Station", "arrival_stop": "Colosseo Station",
+         "via_stops": ["Cavour Station"]}]
+    assert rm[2]["routes"][1][0]["route_name"] == "Tram 8"        # no such line: kept as written
+    assert [r["question_transfer_count"] for r in rm] == [0, 0, 1, 1, 0, 0]
+    assert rm[4]["routes"] == [[{"route_name": "Line A", "departure_stop": "Cipro Station",
+                                 "arrival_stop": "Lepanto Station", "via_stops": ["Ottaviano Station"]}]]
+    assert {r["figure"] for r in rm} == {"maps/china/dalian.png", "maps/italy/rome.png"}
+    assert maps == {"italy/rome": _png("red"), "china/dalian": _png("blue")} and dalian_again == _png("blue")
+    # json and routes as JSON text give the same records
+    assert [(r["metro"], r["routes"]) for r in rm_text] == [(r["metro"], r["routes"]) for r in rm[:2]]
+    assert "1 x reference route name matches no Metro Data line (kept as written)" in text
+    assert "planning=6 (short=3 long1=2 long2=1)" in text and "3 rows, 6 records" in text
+
+
+def test_data_release_hub_shards_image_bytes_arrow_map_and_plain_dataset():
+    """The other readings: hub-style Parquet shards (one split), figures as image bytes and as
+    datasets' Image struct, json as an Arrow map and as an object (Dalian is not in --stations),
+    and a folder saved from a single Dataset."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = _need_release()
+    dalian = _stations(root, "china/dalian")["china/dalian"]
+    rows = [dict(_plus_row("TorF1", 1, "china/dalian", "Are 姚家站 and 华北路站 on the same line?",
+                           "姚家站", "华北路站"), figure=_png("green"), json=list(dalian.items())),
+            dict(_plus_row("TorF1", 0, "china/dalian", "Are 姚家站 and 海之韵站 on the same line?",
+                           "姚家站", "海之韵站"), figure=_png("green"), json=list(dalian.items()))]
+    metro_type = pa.map_(pa.string(), pa.list_(pa.string()))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        hub = os.path.join(tmp, "hub", "data")
+        os.makedirs(hub)
+        for k, row in enumerate(rows):
+            table = pa.Table.from_pylist([{k: v for k, v in row.items() if k != "json"}])
+            table = table.append_column("json", pa.array([row["json"]], metro_type))
+            pq.write_table(table, os.path.join(hub, f"train-0000{k}-of-00002.parquet"))
+        plain = os.path.join(tmp, "Plain")
+        _saved_train(plain, [dict(r, figure={"bytes": _png("green"), "path": None}, json=dalian)
+                             for r in rows], dataset_dict=False)
+        paths.update(hub=os.path.dirname(hub), plain=plain)
+        _, text = _release(paths, "hub", "plain")
+        hub_recs = data.load_records(os.path.join(paths["out"], "train.jsonl"))
+        plain_recs = data.load_records(os.path.join(paths["out"], "Plain-train.jsonl"))
+        written = open(os.path.join(paths["out"], "maps", "china", "dalian.png"), "rb").read()
+    assert [r["id"] for r in hub_recs] == ["hub/train/0", "hub/train/1"]
+    assert [r["id"] for r in plain_recs] == ["Plain/train/0", "Plain/train/1"]
+    for recs in (hub_recs, plain_recs):
+        assert [r["answer"] for r in recs] == ["yes", "no"]
+        assert all(r["metro"] == data.load_metro(os.path.join(root, "stations", "china", "dalian.json"))
+                   and r["figure"] == "maps/china/dalian.png" for r in recs)
+    assert written == _png("green") and "2 rows, 2 records" in text
+
+def test_data_release_bad_files_name_file_and_column():
+    from unittest import mock
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        good = [r for r, *_ in PLUS_ROWS[:2]]
+        bad = {"typo": [{("anwser" if k == "answer" else k): v for k, v in r.items()} for r in good],
+               "list": [dict(r, answer=[1]) for r in good],
+               "none": [{"prompt": "x", "label": 1}]}
+        for name, rows in bad.items():
+            _parquet(os.path.join(tmp, "bad", name + ".parquet"), rows)
+        for name, words in (("typo", ["column 'answer'", "anwser"]),
+                            ("list", ["column 'answer'", "list<", "int or float or string or bool"]),
+                            ("none", ["'question'", "'question_short'", "prompt"])):
+            path = os.path.join(tmp, "bad", name + ".parquet")
+            _raises(lambda: data.release([path], paths["maps"], paths["stations"], paths["out"]),
+                    path, *words)
+        # rows that cannot be mapped: counted by reason, and over --max-lost nothing is written
+        rows = good + [dict(good[0], type="TorF9"), dict(good[0], answer=5),
+                       dict(good[0], country="china", city="hangzhou", figure="./maps/china/hangzhou.png")]
+        lossy = os.path.join(tmp, "lossy", "test.parquet")
+        _parquet(lossy, rows)
+        _raises(lambda: _release(dict(paths, lossy=lossy), "lossy"), lossy, "3 of 5 records",
+                "unknown type (first: lossy/test/2: 'TorF9')", "TorF1 answer is not 1/0",
+                "map file not found", "nothing written")
+        assert not os.path.exists(os.path.join(paths["out"], "test.jsonl"))
+        (summary,), text = _release(dict(paths, lossy=lossy), "lossy", max_lost=0.6)
+        assert len(data.load_records(summary["path"])) == 2
+        assert {k: n for k, (n, _) in summary["lost"].items()} == {
+            "unknown type": 1, "TorF1 answer is not 1/0": 1, "map file not found (--maps)": 1}
+        assert "lost: 1 x unknown type" in text
+        # two inputs for one output name; the command line's message; pyarrow missing
+        _raises(lambda: _release(dict(paths, lossy=lossy), "plus", "lossy"), "test.jsonl",
+                "different --out")
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                data.main(["release", lossy, "--maps", paths["maps"], "--stations",
+                           paths["stations"], "--out", paths["out"]])
+            except SystemExit as e:
+                assert str(e.code).startswith("data.py release: ") and "unknown type" in str(e.code)
+            else:
+                raise AssertionError("data.py release should exit with an error")
+        with mock.patch.dict(sys.modules, {"pyarrow": None}):
+            try:
+                _release(paths, "plus")
+            except ImportError as e:
+                assert "pip install pyarrow" in str(e), e
+            else:
+                raise AssertionError("no ImportError without pyarrow")
+
+
+def test_data_release_train_two_steps_and_eval_rescore():
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        _release(paths, "plus", "train", "rm")
+        out = paths["out"]
+        run = os.path.join(tmp, "run")
+        _run(["--model", "tiny", "--data", os.path.join(out, "ReasonMap-Train-train.jsonl"),
+              "--out", run, "--max-steps", "2", "--group-size", "2", "--batch-size", "2",
+              "--max-new-tokens", "6", "--kl", "0"])
+        assert [m["step"] for m in _metrics(run)] == [1, 2]
+        recs = data.load_records(os.path.join(out, "test.jsonl")) + \
+            data.load_records(os.path.join(out, "reasonmap-1008-validation.jsonl"))
+        cases = [(r, data.gold_answer(r), True) for r in recs]
+        cases[0] = (recs[0], "\\boxed{no}", False)           # TorF1 'yes' answered wrong
+        rep, _ = _rescore(cases, tmp)
+        with open(os.path.join(tmp, "report.answers.jsonl")) as f:
+            scores = [json.loads(line)["map_score"] for line in f][len(PLUS_ROWS):]
+    assert rep["n"] == 14 and rep["accuracy"]["planning"] == 1.0
+    assert abs(rep["weighted_accuracy"]["plus_torf"] - 0.8) < 1e-9     # 4 of 5, all weight 1.5
+    assert rep["weighted_accuracy"]["plus_count"] == 1.0
+    assert rep["weighted_accuracy"]["short"] == rep["weighted_accuracy"]["long"] == 1.0
+    # by hand (RM Alg. 2): 1 segment 1+2+1+1 = 5, 2 segments 9; long1 +4 per exact count;
+    # long2 + (10 IoU + min(10, 11 hits)) / 2 = 10; then +10 (short) / +20 (long) for correct
+    assert scores == [15, 29, 19, 39, 15, 29]
+    # ReasonMap weights 1 + 0.5 q + 0.5 m: dalian easy q0 -> 1, rome middle q1 -> 2, q0 -> 1.5
+    assert abs(rep["map_score"]["short"] - (15 + 2 * 19 + 1.5 * 15) / 4.5) < 1e-9
+    assert abs(rep["map_score"]["long"] - (29 + 2 * 39 + 1.5 * 29) / 4.5) < 1e-9
 
 
 # =============================================================================================
@@ -988,6 +1396,78 @@ def test_reward_agrees_with_independent_implementation_on_real_cities():
     assert kinds.get("garbage", 0) > 500 and kinds.get("extra", 0) > 500
 
 
+# ---------------------------------------------------------------------------------------------
+# reward.explain: the same Alg. 1 run, with the lines that fired.
+
+def test_reward_explain_trace_by_hand():
+    # toy record A -> F, fewest transfers 1: +2 (both ends), +4 (Line 1 serves A and C), +1 (C = C,
+    # Line 1 right), Line 9 does not exist (no +1 for its link), segment 3 follows a 2nd transfer: -5
+    answer = _route(("Line 1", "A", "C"), ("Line 9", "C", "E"), ("Line 2", "E", "F"))
+    ex = reward.explain(answer, _plan())
+    assert ex["trace"] == [
+        (2.0, "departure matches station_1 ('A') and arrival matches station_2 ('F')"),
+        (4.0, "segment 1: route name 'Line 1' exists and serves both its stops"),
+        (1.0, "segment 1 is on its line and arrives where segment 2 departs ('C')"),
+        (-5.0, "segment 3 follows transfer 2, more than the question's fewest (1)")]
+    assert ex["detail"] == 2.0 and ex["correctness"] == 0.0 and ex["total"] == 1.7 * (1 + 0.5 * 2)
+    # one end only (+2 +4); the cap shows as its own line (2 + 4 + 6 links = 12 -> 10)
+    assert reward.explain(_route(("Line 2", "E", "F")), _plan())["trace"] == [
+        (2.0, "arrival matches station_2 ('F')"),
+        (4.0, "segment 1: route name 'Line 2' exists and serves both its stops")]
+    chain = {f"K{i}": [f"P{i}", f"P{i + 1}"] for i in range(1, 8)}
+    capped = reward.explain(_route(*[(f"K{i}", f"P{i}", f"P{i + 1}") for i in range(1, 8)]),
+                            _plan(s1="P1", s2="P8", q=6, level="easy", metro=chain))
+    assert [p for p, _ in capped["trace"]] == [2, 4] + [1] * 6 + [-2] and capped["detail"] == 10
+    assert capped["trace"][-1] == (-2.0, "cap at 10")
+    assert reward.explain("no route", _plan())["trace"] == [
+        (0.0, "no section parses (Route Name, Departure Stop, Arrival Stop)")]
+    assert reward.explain(answer, _plan(), detail=False)["trace"] == [
+        (0.0, "detail reward off (the --no-detail ablation)")]
+    # other types: the parsed answer against the gold one, 0 points (no detail term)
+    rec = {"id": "c", "type": "Counting1", "answer": "C", "difficulty_city": "easy"}
+    assert reward.explain(r"\boxed{(b)}", rec)["trace"] == [(0.0, "answer 'B'; gold 'C': wrong")]
+    assert reward.explain(r"\boxed{C}", rec)["trace"] == [(0.0, "answer 'C'; gold 'C': right")]
+    assert reward.explain(r"\boxed{Dupont}", rec)["trace"] == [
+        (0.0, "boxed 'Dupont' does not parse as an answer of this type; gold 'C': wrong")]
+    assert reward.explain("C", rec)["trace"] == [(0.0, "no \\boxed{} answer; gold 'C': wrong")]
+
+
+def test_reward_explain_equals_compute_reward_on_every_reward_test():
+    """Every reward test above runs again with compute_reward checked against explain on each call
+    (the agreement test among them: ~7,500 generated answers over the 30 real cities)."""
+    calls = collections.Counter()
+
+    def checked(response, record, **kw):
+        try:
+            want = reward.compute_reward(response, record, **kw)
+        except ValueError:                     # a bad record: explain must refuse it as well
+            _raises(lambda: reward.explain(response, record, **kw))
+            raise
+        got = reward.explain(response, record, **kw)
+        trace = got.pop("trace")
+        assert got == want, (response, got, want)
+        assert sum(p for p, _ in trace) == want["detail"], trace
+        assert all(isinstance(p, float) and isinstance(r, str) for p, r in trace)
+        calls[record.get("type") if isinstance(record, dict) else None] += 1
+        return want
+
+    me = inspect.currentframe().f_code.co_name
+    tests = [fn for name, fn in globals().items()
+             if name.startswith("test_reward_") and name != me and callable(fn)]
+    globals()["compute_reward"] = checked
+    try:
+        for fn in tests:
+            try:
+                fn()
+            except unittest.SkipTest:          # no ../shared: the real-city test; the rest still run
+                pass
+    finally:
+        globals()["compute_reward"] = reward.compute_reward
+    real = os.path.isdir(os.path.join(REASONMAP, "stations"))
+    assert len(tests) >= 18 and calls["planning"] > (6000 if real else 30), (len(tests), calls)
+    assert calls["Counting1"] > 5 and calls["TorF1"] > 5, calls
+
+
 # =============================================================================================
 # grpo.py and curriculum.py — advantages, k3, clipped loss (§4.1); stages and batches (§4.3)
 # =============================================================================================
@@ -1414,6 +1894,78 @@ def test_train_logprobs_match_sampler():
         assert float((model.token_logprobs(m, ro2) - ro2.sample_logprobs).abs().max()) <= 1e-5
 
 
+
+def _full_vocab_logprobs(m, ro, temperature=1.0):
+    """The log-prob path before chunking, written out independently: the model's own head on
+    every position, [rows, T, V] logits in fp32, log-softmax, gather (pixels repeated K times)."""
+    import torch.nn.functional as F
+    k, grid = ro.num_samples, ro.image_grid_thw
+    pix = torch.split(ro.pixel_values, grid.prod(1).tolist())
+    logits = m(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+               mm_token_type_ids=ro.mm_token_type_ids, use_cache=False,
+               pixel_values=torch.cat([c for c in pix for _ in range(k)]),
+               image_grid_thw=grid.repeat_interleave(k, 0),
+               logits_to_keep=ro.completion_mask.shape[1] + 1).logits[:, :-1].float() / temperature
+    logits[..., ro.suppress_ids] = float("-inf")
+    lp = torch.gather(F.log_softmax(logits, -1), 2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+    return lp * ro.completion_mask
+
+
+def test_train_logprobs_chunked_equal_full_vocab_and_never_build_it():
+    """model.token_logprobs applies the head in recomputed chunks: values and gradients equal the
+    full-vocabulary path (fp32: 1e-6; bf16 autocast: 2e-2, the size of bf16's own error against
+    fp32, measured 1.9 %), and no tensor wider than one chunk of vocabulary rows ever exists."""
+    import model
+    from torch.utils._python_dispatch import TorchDispatchMode
+    m, p = model.build_tiny()
+    V = m.lm_head.weight.shape[0]
+    torch.manual_seed(1)
+    ro = model.generate(m, p, ["Is Stop A on Line 1?", "Plan a route from X to Y."], _images()[:2],
+                        num_samples=3, max_new_tokens=20)
+    n_tok = int(ro.completion_mask.sum())
+    per_chunk = 7
+    assert n_tok > 3 * per_chunk                    # several chunks, one of them ragged
+
+    class WidestVocabTensor(TorchDispatchMode):      # elements of the largest [..., V] output
+        widest = 0                                   # (the head's weight, [V, H] or [H, V], aside)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if torch.is_tensor(t) and t.dim() and t.shape[-1] == V \
+                        and t.numel() != m.lm_head.weight.numel():
+                    self.widest = max(self.widest, t.numel())
+            return out
+
+    w = torch.randn(ro.completion_mask.shape)
+
+    def run(fn, bf16):
+        m.zero_grad()
+        with model.autocast("cpu", bf16):
+            lp = fn()
+        (lp * w).sum().backward()
+        return lp.detach(), {n: q.grad.clone() for n, q in m.named_parameters()}
+
+    for bf16, tol in ((False, 1e-6), (True, 2e-2)):
+        for temperature in (1.0, 0.7):
+            ref, ref_g = run(lambda: _full_vocab_logprobs(m, ro, temperature), bf16)
+            with WidestVocabTensor() as probe:
+                new, new_g = run(lambda: model.token_logprobs(
+                    m, ro, temperature=temperature, chunk_bytes=4 * V * per_chunk), bf16)
+            assert float((new - ref).abs().max()) <= tol, (bf16, temperature)
+            for name, g in ref_g.items():
+                err = float((new_g[name] - g).norm() / g.norm().clamp_min(1e-12))
+                assert err <= (2e-6 if not bf16 else tol), (bf16, name, err)
+            assert probe.widest == per_chunk * V     # the full path has rows x T x V
+            assert ro.completion_mask.numel() * V > 10 * probe.widest
+    # No completion token at all (grpo_loss's 0 * sum case): backward still reaches every
+    # parameter, as DDP needs.
+    empty = model.select(ro, [0])
+    empty.completion_mask = torch.zeros_like(empty.completion_mask)
+    m.zero_grad()
+    model.token_logprobs(m, empty).sum().mul(0.0).backward()
+    assert all(q.grad is not None and not q.grad.any() for q in m.parameters())
+
 def test_train_sampler_masks_and_stops():
     import torch
     import model
@@ -1524,16 +2076,29 @@ def test_train_sft_targets_score_full_marks():
         assert out["format"] == 1 and out["correctness"] == 10, (r["id"], data.gold_answer(r))
 
 
-def _run(argv, nproc=1, timeout=300):
+def _run(argv, nproc=1, timeout=300, restarts=0):
+    """train.py (torchrun with nproc > 1, restarting failed workers `restarts` times); must exit 0.
+    On a timeout torchrun gets SIGTERM, so it stops its workers (in sessions of their own) too."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", os.path.join(HERE, "train.py")] + argv
+               f"--nproc_per_node={nproc}", f"--max-restarts={restarts}", "--shutdown-timeout=10",
+               os.path.join(HERE, "train.py")] + argv
     else:
         cmd = [sys.executable, os.path.join(HERE, "train.py")] + argv
-    r = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
+    with subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.terminate()
+            try:
+                p.communicate(timeout=30)
+            finally:
+                p.kill()
+            raise
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
 SMALL = ["--model", "tiny", "--group-size", "2", "--batch-size", "2", "--max-new-tokens", "6",
@@ -1600,6 +2165,192 @@ def test_train_torchrun_two_ranks():
         m, p = model.load(os.path.join(d, "final"))
         ro = model.generate(m, p, ["Is A on line 1?"], _images()[:1], num_samples=2, max_new_tokens=5)
         assert len(ro.texts) == 2 and all(isinstance(t, str) for t in ro.texts)
+
+
+# Long runs: preemption, crashes, FSDP2, safe loading (train.py checkpoints; README "Long runs").
+# Settings with a learning signal from step 1 (seed 1: groups of 4 that do not all tie), 4 steps.
+LONG = SMALL + ["--group-size", "4", "--max-new-tokens", "8", "--seed", "1", "--max-steps", "4"]
+_TIMING = ("time/", "tokens_per_s")
+
+
+def _same_metrics(a, b):
+    """metrics.jsonl rows equal except wall-clock fields."""
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(_TIMING)} for r in rows]
+    return strip(a) == strip(b)
+
+
+_DDP_REFERENCE = {}
+
+
+def _ddp_reference():
+    """One uninterrupted DDP run of LONG on 2 ranks, made once and shared by the tests below
+    (removed at exit): (dir, final parameters)."""
+    if not _DDP_REFERENCE:
+        import atexit
+        import shutil
+        d = tempfile.mkdtemp(prefix="rewardmap-ref-")
+        atexit.register(shutil.rmtree, d, True)
+        _run(LONG + ["--out", d], nproc=2)
+        _DDP_REFERENCE.update(dir=d, params=_params(os.path.join(d, "final")))
+    return _DDP_REFERENCE["dir"], _DDP_REFERENCE["params"]
+
+
+def test_train_longrun_sigterm_one_rank_then_sigkill_restart_match_uninterrupted():
+    """(b) SIGTERM reaching rank 1 only, during step 1: both ranks finish the step, write step-1/
+    and exit 0. (a) The resumed run under torchrun --max-restarts=1 --resume auto saves step-2/,
+    logs step 3, then loses rank 1 to SIGKILL at step 4; torchrun restarts both ranks, they resume
+    from step-2 and finish. Parameters equal the uninterrupted run's bit for bit, and metrics.jsonl
+    has each step once (step 3's first line dropped), with the same values."""
+    import torch
+    import train
+    ref, ref_params = _ddp_reference()
+    with tempfile.TemporaryDirectory() as d:
+        r = _run(LONG + ["--out", d, "--save-every", "2", "--fault", "sigterm:1:1"], nproc=2)
+        assert "stopped by a signal on another rank after step 1 of 4" in r.stdout, r.stdout
+        assert "--resume auto" in r.stdout
+        assert train.checkpoint_problems(os.path.join(d, "step-1")) == []
+        assert not os.path.exists(os.path.join(d, "final"))
+        assert [row["step"] for row in _metrics(d)] == [1]
+        r = _run(LONG + ["--out", d, "--save-every", "2", "--resume", "auto", "--fault", "sigkill:4:1"],
+                 nproc=2, restarts=1)
+        # two attempts: the first from step-1, the restart (after the kill) from step-2
+        assert r.stdout.count("resuming from") == 2, r.stdout
+        assert f"resuming from {os.path.join(d, 'step-1')} " in r.stdout
+        assert f"resuming from {os.path.join(d, 'step-2')} " in r.stdout
+        assert [row["step"] for row in _metrics(d)] == [1, 2, 3, 4]
+        assert _same_metrics(_metrics(d), _metrics(ref))
+        p = _params(os.path.join(d, "final"))
+        assert p.keys() == ref_params.keys() and all(torch.equal(p[k], ref_params[k]) for k in p)
+
+
+def test_train_longrun_fsdp_two_ranks_checkpoint_resume_matches_ddp():
+    """FSDP2 on 2 CPU ranks (gloo): stopped by SIGTERM on rank 0 during step 2 (step-2/ holds both
+    ranks' optimizer shards), resumed with --resume auto to step 4; final/ reloads with model.load.
+    Against DDP on the same data and seed: step 1 has the same samples, reward and loss (0 at ratio
+    1 with equal-length completions, hence the gradient norm too), a gradient norm equal to 1e-5
+    relative (measured 1.1e-6: fp32 rounding in FSDP's sharded reduction and norm), and after 4
+    steps parameters within 1e-4 (measured 1.8e-5, of up to 5e-2 moved): rounding differences that
+    Adam's normalised steps at lr 1e-2 amplify — DDP against DDP with image features recomputed per
+    sample instead of shared differs by as much (1.9e-5 after 5 steps). A resume that lost the Adam
+    moments is 3.6e-2 off (checked). Interrupted FSDP equals uninterrupted FSDP bit for bit (checked
+    by hand)."""
+    import torch
+    ref, ref_params = _ddp_reference()
+    with tempfile.TemporaryDirectory() as d:
+        _run(LONG + ["--out", d, "--fsdp", "--fault", "sigterm:2:0"], nproc=2)
+        manifest = json.load(open(os.path.join(d, "step-2", "manifest.json")))
+        assert manifest["fsdp"] and manifest["world_size"] == 2 and manifest["step"] == 2
+        assert {"optimizer_rank0.pt", "optimizer_rank1.pt", "rng_rank1.pt"} <= set(manifest["files"])
+        _run(LONG + ["--out", d, "--fsdp", "--resume", "auto"], nproc=2)
+        rows, ref_rows = _metrics(d), _metrics(ref)
+        assert [row["step"] for row in rows] == [1, 2, 3, 4]
+        first, ref_first = rows[0], ref_rows[0]
+        assert ref_first["zero_std_frac"] < 1 and ref_first["grad_norm"] > 0.1   # a real signal
+        assert first["reward"] == ref_first["reward"] and first["loss"] == ref_first["loss"]
+        assert abs(first["grad_norm"] - ref_first["grad_norm"]) <= 1e-5 * ref_first["grad_norm"]
+        p = _params(os.path.join(d, "final"))
+        assert p.keys() == ref_params.keys()
+        diff = max(float((p[k] - ref_params[k]).abs().max()) for k in p)
+        assert diff <= 1e-4, diff
+
+
+def _tiny_checkpoint(out, step, **kw):
+    """save_checkpoint of a fresh tiny model after one optimiser step, in this process (1 rank)."""
+    import torch
+    import model
+    import train
+    args = train.parse_args(["--out", out] + [x for k, v in kw.items() for x in (f"--{k}", str(v))])
+    m, p = model.build_tiny()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    train.save_checkpoint(out, f"step-{step}", m, p, opt, step, args, 0, 1)
+    return os.path.join(out, f"step-{step}")
+
+
+def test_train_longrun_crash_while_saving_keeps_previous_checkpoint():
+    """(c) A crash half-way through writing step-4/ (model and trainer state written, RNG and
+    manifest not): step-2/ is still whole and is what --resume auto picks; neither the .tmp leftover,
+    a .old one, nor a partial step-N/ folder is ever picked; naming one explicitly is an error that
+    says what is missing."""
+    import shutil
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        _tiny_checkpoint(d, 2)
+        try:
+            _tiny_checkpoint(d, 4, fault="save-crash:4")
+        except RuntimeError as e:
+            assert "injected crash" in str(e)
+        else:
+            raise AssertionError("the injected crash did not happen")
+        tmp = os.path.join(d, ".step-4.tmp")
+        assert os.path.exists(os.path.join(tmp, "model.safetensors"))
+        assert not os.path.exists(os.path.join(d, "step-4"))
+        # leftovers that look newer: a finished .old copy, a step-6/ without its RNG file, a
+        # step-8/ whose model file was cut short
+        shutil.copytree(os.path.join(d, "step-2"), os.path.join(d, ".final.old"))
+        for n in (6, 8):
+            shutil.copytree(os.path.join(d, "step-2"), os.path.join(d, f"step-{n}"))
+        os.remove(os.path.join(d, "step-6", "rng_rank0.pt"))
+        with open(os.path.join(d, "step-8", "model.safetensors"), "r+b") as f:
+            f.truncate(1000)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert train.find_checkpoint(d) == os.path.join(d, "step-2")
+        assert sum("skipping" in str(w.message) for w in caught) == 2
+        assert train.checkpoint_problems(os.path.join(d, "step-2")) == []
+        for path, words in [(tmp, ["manifest.json", "rng_rank0.pt"]),
+                            (os.path.join(d, "step-6"), ["rng_rank0.pt"]),
+                            (os.path.join(d, "step-8"), ["model.safetensors (1000 bytes"])]:
+            _raises(lambda: train.find_checkpoint(path), "incomplete", *words)
+        os.makedirs(os.path.join(d, "fresh"))
+        assert train.find_checkpoint(os.path.join(d, "fresh")) is None   # auto: a fresh start
+        # and the survivor loads: model, trainer state and RNG with the safe loader
+        import model
+        model.load(os.path.join(d, "step-2"))
+        assert train.safe_load(os.path.join(d, "step-2", "trainer_state.pt"))["step"] == 2
+        train.restore_rng(os.path.join(d, "step-2"), 0)
+        # resuming at step 2 keeps the logs' lines up to step 2, and drops a line cut short by a kill
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            with open(os.path.join(d, name), "w") as f:
+                f.write('{"step": 1}\n{"step": 2, "i": 0}\n{"step": 2, "i": 1}\n{"step": 3}\n{"step": 2, "te')
+        train.trim_logs(d, 2)
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            assert [json.loads(line) for line in open(os.path.join(d, name))] == \
+                [{"step": 1}, {"step": 2, "i": 0}, {"step": 2, "i": 1}]
+
+
+def test_train_longrun_crafted_pickle_refused():
+    """A checkpoint's .pt files are read with weights_only=True: a pickle whose __reduce__ would
+    create a file is refused with an error naming the file, and the file is never created."""
+    import pathlib
+    import torch
+    import train
+
+    class Payload:
+        def __init__(self, marker):
+            self.marker = marker
+
+        def __reduce__(self):
+            return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = _tiny_checkpoint(os.path.join(d, "run"), 2)
+        marker = os.path.join(d, "payload-ran")
+        for name in ("trainer_state.pt", "rng_rank0.pt"):
+            torch.save({"step": 2, "x": Payload(marker)}, os.path.join(ckpt, name))
+        # the attacker also fixes up the manifest, so the folder passes as complete
+        manifest = json.load(open(os.path.join(ckpt, "manifest.json")))
+        for name in manifest["files"]:
+            manifest["files"][name] = os.path.getsize(os.path.join(ckpt, name))
+        with open(os.path.join(ckpt, "manifest.json"), "w") as f:
+            json.dump(manifest, f)
+        args = train.parse_args(["--resume", ckpt, "--out", d])
+        _raises(lambda: train.resume_point(args, 0, 1), "trainer_state.pt", "refused")
+        _raises(lambda: train.restore_rng(ckpt, 0), "rng_rank0.pt", "refused")
+        assert not os.path.exists(marker)
+        torch.load(os.path.join(ckpt, "rng_rank0.pt"), weights_only=False)   # the payload is real
+        assert os.path.exists(marker)
 
 
 # =============================================================================================
@@ -1943,6 +2694,140 @@ def test_eval_density_tiny_model_planning_detail_breaks_ties():
     assert d["format+correctness"]["zero_std_frac"] > 0
     assert d["+detail"]["zero_std_frac"] < d["format+correctness"]["zero_std_frac"], d
     assert "| planning |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py --log-samples and the HTML report (report.py, eval.py --html)
+
+class _Page(html.parser.HTMLParser):
+    """A page as the standard library reads it: start tags with attributes, the text inside each
+    element by class, and table rows as lists of cell texts."""
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.text, self.open, self.rows = [], collections.defaultdict(list), [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th"):
+            self.rows[-1].append("")
+        if tag not in ("br", "meta", "img", "hr", "input", "link"):      # void elements
+            self.open.append((tag, dict(attrs).get("class") or tag))
+
+    def handle_startendtag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_endtag(self, tag):
+        while self.open and self.open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for cls in {cls for _, cls in self.open}:
+            self.text[cls].append(data)
+        if {"td", "th"} & {tag for tag, _ in self.open}:
+            self.rows[-1][-1] += data
+
+    def all(self, cls):
+        return "".join(self.text[cls])
+
+
+HOSTILE = ('<script>alert("x")</script> \\boxed{yes}', '</pre><img src=x onerror=alert(1)>',
+           'Route Name: Line 1 (<b onclick="x">)\nDeparture Stop: A\nArrival Stop: C\n</pre>"&amp;')
+
+
+def test_report_train_log_samples_and_report():
+    """3 steps with --log-samples 2 (K = 2): each line is a whole group, its parts re-derived with
+    compute_reward on the run's own records, centred advantages, traces summing to detail; the
+    run ends by writing report.html and printing where it is."""
+    import report
+    with tempfile.TemporaryDirectory() as d:
+        r = _run(SMALL + ["--out", d, "--max-steps", "3", "--log-samples", "2"])
+        assert f"report: {os.path.join(d, 'report.html')}" in r.stdout, r.stdout
+        records = {x["id"]: x for x in data.load_records(os.path.join(d, "data", "train.jsonl"))}
+        lines = report.read_jsonl(os.path.join(d, "samples.jsonl"))
+        assert all(os.path.exists(os.path.join(d, g["figure"])) for g in lines)
+        with open(os.path.join(d, "report.html"), encoding="utf-8") as f:
+            page = _Page(f.read())
+        metrics = _metrics(d)
+    assert [g["step"] for g in lines] == [1, 1, 2, 2, 3, 3]
+    assert [g["stage"] for g in lines[::2]] == [m["stage"] for m in metrics]
+    for g in lines:
+        rec = records[g["id"]]
+        assert g["type"] == rec["type"] and g["question"] == rec["question"]
+        assert g["gold"] == data.gold_answer(rec) and len(g["samples"]) == 2
+        totals = [s["total"] for s in g["samples"]]
+        for s in g["samples"]:
+            want = compute_reward(s["text"], rec)
+            assert {k: s[k] for k in want} == want
+            assert sum(p for p, _ in s["trace"]) == s["detail"]
+            assert abs(s["advantage"] - (s["total"] - sum(totals) / 2)) < 1e-5
+    # the page: the run's groups (the last 3 logged per type), a curve per metric, the maps
+    shown = [g for t in reward.TYPES for g in [x for x in lines if x["type"] == t][-3:]]
+    assert all(g["id"] in page.all("body") for g in shown)
+    assert sum(tag == "svg" for tag, _ in page.tags) == 4
+    chunks = page.text["parts"]                       # ..., "total ", "<its value>", ...
+    assert [f"{s['total']:.2f}" for g in shown for s in g["samples"]] == [
+        chunks[i + 1] for i, c in enumerate(chunks) if c == "total "]
+    assert "map not available" not in page.all("body")
+
+
+def test_report_html_matches_inputs_and_escapes_model_text():
+    """eval.py --rescore ... --run ... --html, parsed back with html.parser: hostile model text is
+    text (no script, no img, no handler), nothing is loaded from outside, numbers and ids are the
+    inputs', the per-type cap holds and the page says so."""
+    import report
+    answers = [(PLUS_CASES[0][0], HOSTILE[0]), (PLUS_CASES[2][0], HOSTILE[1]),
+               (dict(PLUS_CASES[0][0], id="t1b"), "\\boxed{no}"), (SHORT_CASES[0][0], HOSTILE[2])]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        os.makedirs(run)
+        _write(os.path.join(run, "metrics.jsonl"),
+               [{"step": 1, "stage": "1:TorF1+TorF2", "reward": 1.0, "format": 0.5, "accuracy": 0.0,
+                 "zero_std_frac": 0.5},
+                {"step": 2, "stage": "1:TorF1+TorF2", "reward": 2.0, "format": 1.0, "accuracy": 0.5,
+                 "zero_std_frac": 0.0},
+                {"step": 3, "stage": "4:planning", "reward": -1.25, "format": 1.0, "accuracy": 0.0,
+                 "zero_std_frac": 1.0}])
+        logged = report.group(SHORT_CASES[1][0], [GOOD_AF, HOSTILE[2]], step=3, stage="4:planning",
+                              advantages=[1.5, -1.5], figure="maps/none.png")
+        _write(os.path.join(run, "samples.jsonl"), [logged])
+        ans, out = os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "r.html")
+        _write(ans, [{"id": r["id"], "response": t, "record": r} for r, t in answers])
+        text = _eval_run(["--rescore", ans, "--run", run, "--html", out, "--html-questions", "1"])
+        assert f"wrote {out}" in text and not os.path.exists(os.path.join(tmp, "a.json"))
+        with open(out, encoding="utf-8") as f:
+            raw = f.read()
+    page = _Page(raw)
+    # hostile text is shown as text, and is no markup
+    assert not {"script", "img", "iframe"} & {t for t, _ in page.tags}
+    assert not [k for _, attrs in page.tags for k in attrs if k.startswith("on")]
+    shown = page.all("answer")
+    assert HOSTILE[0] in shown and HOSTILE[2] in shown
+    assert HOSTILE[1] not in shown                   # t3 is the 2nd TorF1: over the cap of 1
+    assert "2 of 4 shown" in page.all("note") and "up to 1 questions per type" in page.all("note")
+    # self-contained: no src, links only inside the page, images only as data: URIs
+    assert not [v for _, attrs in page.tags for k, v in attrs.items()
+                if k == "src" or k == "href" and not v.startswith("#")]
+    assert {a["href"] for t, a in page.tags if t == "a"} == {"#eval-TorF1", "#eval-planning",
+                                                             "#train-planning"}
+    assert "url(" not in raw.replace('url("data:image/', "")
+    # Table 1: n 4; RM Acc. S and Map S 0 (p1 stops at C); TorF: t1 right, weights 1.0 + 1.5 + 1.0
+    assert ["4", "0.00", "–", "0.00", "–", "–", "28.57", "28.57"] in page.rows
+    assert ["TorF1", "50.0 % (2)", "0.0 % (1)", "33.3 % (3)"] in page.rows     # easy, middle, all
+    # the run: stage means (steps 1-2; step 3) and the logged group's accuracy (hard map, 1 of 2)
+    assert ["1:TorF1+TorF2", "1–2", "1.50", "0.75", "0.25", "0.25"] in page.rows
+    assert ["4:planning", "3–3", "-1.25", "1.00", "0.00", "1.00"] in page.rows
+    assert ["planning", "50.0 % (1)", "50.0 % (1)"] in page.rows
+    parts = page.all("parts")
+    assert "advantage +1.50" in parts and "advantage -1.50" in parts
+    assert "total 29.00" in parts                    # GOOD_AF on p2: 2.0 * (1 + 10 + 0.5 * 7)
+    trace = page.all("trace")
+    assert "+2 departure matches station_1 ('A') and arrival matches station_2 ('F')" in trace
+    assert "+4 segment 1: route name 'Line 1 (<b onclick=\"x\">)' exists" in trace
+    assert "p2" in page.all("body") and "map not available" in page.all("body")
 
 
 # =============================================================================================

@@ -5,6 +5,8 @@
     torchrun ... train.py --model /models/Qwen2.5-VL-7B-Instruct --data train.jsonl --out runs/7b \
         --bf16 --fsdp --grad-checkpointing                # 7B on 8x80 GB
     python train.py --resume runs/quickstart/step-20 --out runs/quickstart   # continue a run
+    torchrun --max-restarts 3 ... train.py ... --save-every 20 --resume auto  # survive crashes and
+        # preemption: SIGTERM / Ctrl-C finish the step and write step-N/ (README "Long runs")
 
 One step (a thin composition of model.py, reward.py, grpo.py, curriculum.py):
   1. curriculum.epoch_batches gives this rank its share of the global batch (§4.3 stage order);
@@ -24,15 +26,19 @@ the README quick start) the CPU settings below apply instead: a random 1.2 M-par
 needs a large learning rate, short answers and no KL to learn anything in minutes.
 
 Outputs in --out: config.json, metrics.jsonl (a line per step), step-N/ every --save-every steps
-and final/ (model + processor via save_pretrained, trainer_state.pt with optimiser, RNG and
-curriculum position, written to a temp dir and renamed), and data/ when the quick start made it.
+(and on SIGTERM / SIGINT) and final/ (model + processor via save_pretrained, trainer_state.pt with
+optimiser and step, every rank's RNG, manifest.json last; written to a temp dir and renamed),
+data/ when the quick start made it, samples.jsonl (--log-samples) and report.html (report.py:
+curves, samples, Alg. 1 traces).
 """
 import argparse
 import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -45,19 +51,21 @@ import curriculum
 import data as data_mod
 import grpo
 import model as model_mod
+import report
 import reward
 
 # §5.1 (and the release for what the paper does not state).
 # micro_batch (samples per forward/backward) is ours: the largest that bench.py --plan fits on 80 GB.
 PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
-             weight_decay=1e-2, epochs=1, micro_batch=4, max_pixels=data_mod.MAX_PIXELS)
+             weight_decay=1e-2, epochs=1, micro_batch=4, max_pixels=data_mod.MAX_PIXELS, log_samples=0)
 # CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
 # random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward), one
 # pass over 6 cities x 16 questions per type (38 steps). A second pass at this lr collapses: the
-# model answers \boxed{yes} to everything and every counting group ties.
+# model answers \boxed{yes} to everything and every counting group ties. Two groups a step go to
+# samples.jsonl, for the report.html the quick start ends with.
 # Measured on 2 cores: see the README quick start for its wall time and metrics.
 QUICK = dict(lr=3e-3, kl=0.0, group_size=8, batch_size=8, max_new_tokens=32,
-             weight_decay=0.0, epochs=1, micro_batch=64)
+             weight_decay=0.0, epochs=1, micro_batch=64, log_samples=2)
 QUICK_CITIES = 6
 QUICK_PER_TYPE = 16
 TYPES = reward.TYPES
@@ -113,9 +121,16 @@ def parse_args(argv=None):
     p.add_argument("--freeze-vision", action="store_true", help="train the language model only")
     # checkpoints and logs
     p.add_argument("--save-every", type=int, default=0, help="write OUT/step-N every N steps")
-    p.add_argument("--resume", default=None, help="a step-N/ or final/ folder (or a run folder)")
-    # tests only: poison the loss at this step; ask rank R's questions without their image
+    p.add_argument("--resume", default=None,
+                   help="auto (the newest complete checkpoint in --out, else a fresh start), a step-N/ "
+                        "or final/ folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--log-samples", type=int, default=None, metavar="N",
+                   help="write N whole groups a step (rank 0's first) to OUT/samples.jsonl for "
+                        "the report (default 0; 2 with --model tiny)")
+    # tests only: poison the loss at this step; ask rank R's questions without their image;
+    # fail at a known point (inject_fault)
     p.add_argument("--inject-nan-at", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)
     p.add_argument("--text-only-rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = QUICK if args.model == "tiny" else PAPER
@@ -125,6 +140,8 @@ def parse_args(argv=None):
     for key in ("group_size", "batch_size", "max_new_tokens", "micro_batch", "epochs"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1")
+    if args.log_samples < 0:
+        p.error("--log-samples must be >= 0")
     if args.algo == "grpo" and args.group_size < 2:
         p.error("--group-size must be >= 2 for GRPO (a group of one has no relative advantage)")
     k = args.group_size if args.algo == "grpo" else 1
@@ -218,9 +235,6 @@ def distribute(policy, ref, processor, args, device, world):
         fsdp_shard(policy, processor, args, device)
         if ref is not None:
             fsdp_shard(ref, processor, args, device)
-            # The root group (embeddings, head) of a forward-only model would otherwise stay
-            # gathered from its first forward on (FSDP2 keeps the root's after forward).
-            ref.set_reshard_after_forward(True)
         return policy
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -260,8 +274,34 @@ def fsdp_reshard(policy):
             m.reshard()
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoints. OUT/step-N/ and OUT/final/ hold the model and processor (save_pretrained),
+# trainer_state.pt (step, settings, and the optimizer under DDP), rng_rank{R}.pt for every rank, under
+# FSDP2 optimizer_rank{R}.pt for every rank, and manifest.json, written last: a checkpoint is
+# complete when its manifest lists every file it needs and each has the size written there. Every
+# .pt file holds only tensors, numbers, strings, lists, tuples and dicts and is read with
+# torch.load(weights_only=True): a checkpoint folder is what people share and download, and a
+# crafted pickle would otherwise run whatever it likes at load time.
+
+MANIFEST = "manifest.json"
+LOGS = ("metrics.jsonl", "samples.jsonl")         # a line per step, each with a "step" field
+# Settings that may change between a run and its resumption without a warning.
+RUN_CONTROL = {"resume", "out", "max_steps", "epochs", "save_every", "fault", "inject_nan_at"}
+
+
+def safe_load(path):
+    """torch.load that runs no code from the file, or a ValueError saying why it was refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
+        raise ValueError(f"{path}: refused to load: it holds Python objects other than tensors, numbers, "
+                         f"strings, lists and dicts, which could run code when unpickled; a checkpoint "
+                         f"written by train.py never does. {why}") from None
+
+
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}   # python: a tuple of ints
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -275,19 +315,78 @@ def set_rng_state(state):
 
 
 def _full_state(policy, opt, args):
-    """(full model state dict or None, optimizer state). Under FSDP2 the model's shards are gathered
-    (every rank calls) and the optimizer state stays sharded: each rank saves its own, so a resumed
-    FSDP run needs the same world size."""
+    """(full model state dict or None, optimizer state to save). Under FSDP2 every rank takes part in
+    gathering the model, one tensor at a time, but only rank 0 keeps it, on its CPU (the other ranks
+    get {}): a checkpoint needs one fp32 copy of the model in host memory per job, not one per rank.
+    The optimizer state stays sharded: each rank saves its own shard as plain tensors
+    (to_local), so a resumed FSDP run needs the same world size."""
     if not args.fsdp:
         return None, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
     fsdp_reshard(policy)
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu()
-            for k, v in policy.state_dict().items()}
-    return full, opt.state_dict()
+    full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opt_sd = opt.state_dict()
+    opt_sd["state"] = {i: {key: v.to_local() if isinstance(v, DTensor) else v for key, v in s.items()}
+                       for i, s in opt_sd["state"].items()}
+    return full, opt_sd
+
+
+def _absent(names, world, fsdp):
+    """The files a checkpoint of `world` ranks needs that are not among names."""
+    need = (["trainer_state.pt", "config.json", "tokenizer_config.json"]
+            + [f"rng_rank{r}.pt" for r in range(world)]
+            + ([f"optimizer_rank{r}.pt" for r in range(world)] if fsdp else []))
+    out = [name for name in need if name not in names]
+    if not any(name.startswith("model") and name.endswith(".safetensors") for name in names):
+        out.append("model weights (model*.safetensors)")
+    return out
+
+
+def write_manifest(ckpt, step, world, fsdp):
+    """The last file of a checkpoint: every file under ckpt with its size."""
+    files = {}
+    for root, _, names in os.walk(ckpt):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, ckpt)] = os.path.getsize(path)
+    manifest = {"step": step, "world_size": world, "fsdp": fsdp, "files": files}
+    missing = checkpoint_problems(ckpt, manifest)
+    if missing:
+        raise RuntimeError(f"{ckpt}: not written completely: {', '.join(missing)}")
+    with open(os.path.join(ckpt, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+
+
+def read_manifest(ckpt):
+    with open(os.path.join(ckpt, MANIFEST)) as f:
+        return json.load(f)
+
+
+def checkpoint_problems(ckpt, manifest=None):
+    """What an incomplete checkpoint lacks (empty list: complete)."""
+    if manifest is None:
+        try:
+            manifest = read_manifest(ckpt)
+        except FileNotFoundError:           # unfinished: name the manifest and what else is absent
+            return [f"{MANIFEST} (written last: this checkpoint was never finished)"] + \
+                _absent(os.listdir(ckpt), world=1, fsdp=False)
+        except ValueError as e:
+            return [f"{MANIFEST} (unreadable: {e})"]
+    listed = manifest["files"]
+    problems = _absent(listed, manifest["world_size"], manifest["fsdp"])
+    for name, size in listed.items():
+        path = os.path.join(ckpt, name)
+        if not os.path.exists(path):
+            problems.append(name)
+        elif os.path.getsize(path) != size:
+            problems.append(f"{name} ({os.path.getsize(path)} bytes, {size} when written)")
+    return problems
 
 
 def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, world):
-    """OUT/name/ atomically: written to OUT/.name.tmp, then os.replace'd. Every rank adds its RNG."""
+    """OUT/name/ atomically: written to OUT/.name.tmp, manifest last, then renamed. Every rank adds
+    its RNG (and under FSDP2 its optimizer shard)."""
     final, tmp = os.path.join(out_dir, name), os.path.join(out_dir, f".{name}.tmp")
     model_sd, opt_sd = _full_state(policy, opt, args)
     if rank == 0:
@@ -301,6 +400,7 @@ def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, wor
             model_mod.save(net, processor, tmp)
         torch.save({"optimizer": None if args.fsdp else opt_sd, "step": step, "config": vars(args)},
                    os.path.join(tmp, "trainer_state.pt"))
+        inject_fault(args, "save", step, rank)
     if world > 1:
         dist.barrier()
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -309,6 +409,7 @@ def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, wor
     if world > 1:
         dist.barrier()
     if rank == 0:
+        write_manifest(tmp, step, world, args.fsdp)
         # Move an older checkpoint of the same name aside first, so a crash at any point leaves
         # a whole checkpoint on disk (the old one under .name.old, or the new one).
         old = os.path.join(out_dir, f".{name}.old")
@@ -321,38 +422,167 @@ def save_checkpoint(out_dir, name, policy, processor, opt, step, args, rank, wor
         dist.barrier()
 
 
+def _is_checkpoint_name(name):
+    return name == "final" or (name.startswith("step-") and name[5:].isdigit())
+
+
 def find_checkpoint(path):
-    """--resume accepts a checkpoint folder or a run folder (its latest step-N, else final)."""
-    if os.path.exists(os.path.join(path, "trainer_state.pt")):
+    """The checkpoint --resume PATH means: PATH itself when it is one (it must be complete), else the
+    newest complete step-N/ or final/ in the run folder PATH (None when there is none; .tmp and .old
+    leftovers are never candidates)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--resume {path}: no such folder")
+    if _is_checkpoint_name(os.path.basename(os.path.normpath(path))) or any(
+            os.path.exists(os.path.join(path, f)) for f in (MANIFEST, "trainer_state.pt")):
+        problems = checkpoint_problems(path)
+        if problems:
+            raise ValueError(f"--resume {path}: incomplete checkpoint, missing: {', '.join(problems)}")
         return path
-    steps = [d for d in os.listdir(path) if d.startswith("step-") and d[5:].isdigit()] \
-        if os.path.isdir(path) else []
-    for name in sorted(steps, key=lambda d: int(d[5:]), reverse=True) + ["final"]:
-        if os.path.exists(os.path.join(path, name, "trainer_state.pt")):
-            return os.path.join(path, name)
-    raise FileNotFoundError(f"--resume {path!r}: no trainer_state.pt there or in step-N/ final/")
+    done = []
+    for name in filter(_is_checkpoint_name, os.listdir(path)):
+        ckpt = os.path.join(path, name)
+        problems = checkpoint_problems(ckpt)
+        if problems:
+            warnings.warn(f"skipping {ckpt}: incomplete, missing: {', '.join(problems)}")
+        else:
+            done.append((read_manifest(ckpt)["step"], name == "final", ckpt))
+    return max(done)[2] if done else None
+
+
+def resume_point(args, rank, world):
+    """(checkpoint folder, its trainer state) to continue from, or (None, None) for a fresh start.
+    --resume auto: the newest complete checkpoint in --out, if any (so a relaunch by
+    `torchrun --max-restarts` continues by itself). Rank 0 decides, so all ranks agree."""
+    if not args.resume:
+        return None, None
+    ckpt, error = None, None
+    if rank == 0:
+        try:
+            ckpt = find_checkpoint(args.out if args.resume == "auto" else args.resume)
+            if ckpt is None and args.resume != "auto":
+                error = f"--resume {args.resume}: no complete checkpoint there or in its step-N/ final/"
+        except (OSError, ValueError) as e:
+            error = str(e)
+    ckpt, error = all_gather((ckpt, error), world)[0]
+    if error:
+        raise SystemExit(f"error: {error}")
+    if ckpt is None:
+        return None, None
+    manifest = read_manifest(ckpt)
+    if manifest["fsdp"] != args.fsdp or (args.fsdp and manifest["world_size"] != world):
+        raise SystemExit(f"error: --resume {ckpt}: written with fsdp={manifest['fsdp']} on "
+                         f"{manifest['world_size']} ranks; resume with the same --fsdp setting"
+                         + (" and world size (each rank's optimizer shard)" if args.fsdp else ""))
+    state = safe_load(os.path.join(ckpt, "trainer_state.pt"))
+    changed = sorted(k for k, v in state["config"].items()
+                     if k not in RUN_CONTROL and getattr(args, k, v) != v)
+    if changed and rank == 0:
+        warnings.warn(f"resuming {ckpt} with different settings: "
+                      + ", ".join(f"{k} {state['config'][k]!r} -> {getattr(args, k)!r}" for k in changed))
+    return ckpt, state
 
 
 def load_optimizer(opt, state, resume_dir, rank, args):
-    if args.fsdp:
-        path = os.path.join(resume_dir, f"optimizer_rank{rank}.pt")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} missing: resume an FSDP run with the same world size")
-        opt.load_state_dict(torch.load(path, weights_only=False))
-    else:
+    if not args.fsdp:
         opt.load_state_dict(state["optimizer"])
+        return
+    # each rank's own shard, saved as plain tensors: wrap it back into its parameter's DTensor layout
+    from torch.distributed.tensor import DTensor
+    sd = safe_load(os.path.join(resume_dir, f"optimizer_rank{rank}.pt"))
+    params = [p for group in opt.param_groups for p in group["params"]]
+    for i, s in sd["state"].items():
+        p = params[int(i)]
+        for key, v in s.items():
+            if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.to_local().shape:
+                s[key] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+    opt.load_state_dict(sd)
+
+
+def restore_rng(resume_dir, rank):
+    path = os.path.join(resume_dir, f"rng_rank{rank}.pt")
+    if os.path.exists(path):
+        set_rng_state(safe_load(path))
+    else:
+        warnings.warn(f"{path} missing (more ranks than the run that wrote it): sampling will not repeat")
+
+
+def trim_logs(out_dir, step):
+    """Keep the lines of OUT/metrics.jsonl and OUT/samples.jsonl up to this step (none on a fresh
+    start): a resumed run then logs each later step exactly once, whatever an interrupted attempt
+    had written past its checkpoint (a line cut short by a kill included)."""
+    for name in LOGS:
+        path = os.path.join(out_dir, name)
+        if not os.path.exists(path):
+            continue
+        keep = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] <= step:
+                        keep.append(line.rstrip("\n") + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
+class StopRequest:
+    """SIGTERM and SIGINT (a preemption notice, Ctrl-C) ask the run to stop at the next step boundary.
+    The handler only notes the signal; agreed() is a collective at every step boundary, so all ranks
+    stop after the same step even when the signal reached only some of them (a rank stopping alone
+    would leave the others blocked in the next all-reduce). A second Ctrl-C stops at once; repeated
+    SIGTERMs do not (SLURM signals torchrun and the workers, and torchrun forwards it once more)."""
+
+    def __init__(self):
+        self.name = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _note(self, signum, frame):
+        if self.name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = self.name or signal.Signals(signum).name
+
+    def agreed(self, world, device):
+        return all_sum(self.name is not None, world, device) > 0
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def inject_fault(args, where, step, rank):
+    """Tests only (--fault KIND:STEP[:RANK], rank 0 by default): fail from inside the run at a known
+    point, so fault tests need no sleeps. where="step" (start of STEP): sigterm, or sigkill (only on
+    torchrun's first attempt, so the restarted run gets past it). where="save": save-crash raises
+    while step-STEP/ is half written (model and trainer state, no RNG files, no manifest)."""
+    if not args.fault:
+        return
+    kind, at, *who = args.fault.split(":")
+    if int(at) != step or int(who[0] if who else 0) != rank or (kind == "save-crash") != (where == "save"):
+        return
+    if kind == "sigterm":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif kind == "sigkill" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif kind == "save-crash":
+        raise RuntimeError(f"injected crash while writing the step-{step} checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
 # One step.
+
+def reward_options(args):
+    return dict(alpha=args.alpha, difficulty_aware=not args.no_difficulty, detail=not args.no_detail)
+
 
 def score(texts, records, k, args):
     """Rewards (§4.2) for question-major texts; one dict per completion."""
     out = []
     for i, text in enumerate(texts):
         rec = records[i // k]
-        r = reward.compute_reward(text, rec, alpha=args.alpha, difficulty_aware=not args.no_difficulty,
-                                  detail=not args.no_detail)
+        r = reward.compute_reward(text, rec, **reward_options(args))
         r["type"] = rec["type"]
         out.append(r)
     return out
@@ -416,6 +646,8 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
                 if ref is not None:
                     with phase("ref_fwd"), torch.no_grad():
                         ref_logp = model_mod.token_logprobs(ref, sub, temperature=args.temperature)
+                    if args.fsdp:   # FSDP2 keeps a root's gathered weights (embeddings, head)
+                        ref.reshard()   # for a backward the reference never runs
                 adv = advantages[rows.start:rows.stop].to(device)
                 loss, st = grpo.grpo_loss(logp, logp.detach(), ref_logp, adv, mask,
                                           clip_eps=args.clip_eps, kl_coef=args.kl, num_tokens=denom)
@@ -501,6 +733,20 @@ def param_digest(net):
     return h.hexdigest()
 
 
+def log_samples(args, step, stage, batch, rollout, advantages, k, data_path):
+    """--log-samples N: the first N groups of this rank's batch, whole, to OUT/samples.jsonl
+    (report.group: question, gold answer, map, the K completions, reward parts, Alg. 1 traces,
+    advantages). Figures are stored relative to OUT, which holds the quick start's maps."""
+    with open(os.path.join(args.out, "samples.jsonl"), "a", encoding="utf-8") as f:
+        for q, rec in enumerate(batch[:args.log_samples]):
+            part = slice(q * k, (q + 1) * k)
+            figure = rec.get("figure") and os.path.relpath(data_mod.figure_path(rec, data_path), args.out)
+            line = report.group(rec, rollout.texts[part], figure=figure, step=step, stage=stage,
+                                advantages=advantages[part].tolist(),
+                                truncated=rollout.truncated[part], reward_kw=reward_options(args))
+            f.write(json.dumps(line) + "\n")
+
+
 def log_row(out_dir, row):
     with open(os.path.join(out_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
@@ -517,11 +763,8 @@ def main(argv=None):
     data_path, records = prepare_data(args, rank, world)
     images = ImageCache(data_path, args.max_pixels)
 
-    start_step, resume_dir = 0, None
-    if args.resume:
-        resume_dir = find_checkpoint(args.resume)
-        state = torch.load(os.path.join(resume_dir, "trainer_state.pt"), weights_only=False)
-        start_step = state["step"]
+    resume_dir, state = resume_point(args, rank, world)
+    start_step = state["step"] if resume_dir else 0
     policy, wrapped, processor, ref = build(args, device, world, resume_dir or args.model)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
@@ -538,11 +781,7 @@ def main(argv=None):
     torch.manual_seed(args.seed * 1000 + rank)   # ranks sample different completions
     random.seed(args.seed * 1000 + rank)
     if resume_dir:
-        rng_file = os.path.join(resume_dir, f"rng_rank{rank}.pt")
-        if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:
-            warnings.warn(f"{rng_file} missing (different world size?): sampling will not repeat")
+        restore_rng(resume_dir, rank)
     if rank == 0:
         cfg = dict(vars(args), world_size=world, device=device, data_path=data_path,
                    records=len(records), steps=total, start_step=start_step,
@@ -550,8 +789,9 @@ def main(argv=None):
                    trainable=sum(p.numel() for p in params))
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2)
-        if not resume_dir and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            os.remove(os.path.join(args.out, "metrics.jsonl"))
+        trim_logs(args.out, start_step)
+        if resume_dir:
+            print(f"resuming from {resume_dir} (step {start_step} of {total})")
 
     from tqdm import tqdm
     # rank 0 only, and only on a terminal (disable=None): a redirected log gets no bar lines
@@ -559,7 +799,9 @@ def main(argv=None):
                disable=True if rank else None, desc=f"{args.algo} x{world}", unit="step",
                dynamic_ncols=True)
     k = args.group_size if args.algo == "grpo" else 1
+    stop, stopped = StopRequest(), False
     for step in bar:
+        inject_fault(args, "step", step + 1, rank)
         stage, batch = plan[step]
         t0 = time.time()
         ims = [None if rank == args.text_only_rank else images(r) for r in batch]
@@ -581,6 +823,8 @@ def main(argv=None):
         rewards = torch.tensor([s["total"] for s in scores], dtype=torch.float32)
         adv = grpo.group_advantages(rewards, k, scale=args.adv_scale) if args.algo == "grpo" \
             else torch.zeros_like(rewards)
+        if rank == 0 and args.log_samples:
+            log_samples(args, step + 1, stage, batch, rollout, adv, k, data_path)
         t2 = time.time()
         loss, stats = update(wrapped, policy, ref, rollout, adv, args, world, device,
                              nan_now=step + 1 == args.inject_nan_at)
@@ -597,9 +841,15 @@ def main(argv=None):
             bar.set_postfix(stage=stage, R=f"{row['reward']:.2f}", fmt=f"{row['format']:.2f}",
                             acc=f"{row['accuracy']:.2f}")
         done = step + 1
-        if args.save_every and done % args.save_every == 0 and done < total:
+        stopped = stop.agreed(world, device) and done < total    # every rank, every step
+        if done < total and (stopped or args.save_every and done % args.save_every == 0):
             save_checkpoint(args.out, f"step-{done}", policy, processor, opt, done, args, rank, world)
-    save_checkpoint(args.out, "final", policy, processor, opt, max(total, start_step), args, rank, world)
+        if stopped:
+            break
+    stop.restore()
+    if not stopped:
+        save_checkpoint(args.out, "final", policy, processor, opt, max(total, start_step), args, rank,
+                        world)
     if world > 1 and not args.fsdp:
         # DDP keeps replicas identical by construction; check it, since a desync is silent.
         digests = all_gather(param_digest(policy), world)
@@ -608,10 +858,16 @@ def main(argv=None):
                 json.dump({"param_sha256": digests}, f)
             if len(set(digests)) > 1:
                 warnings.warn(f"parameters differ across ranks: {digests}")
-    if rank == 0:
+    if rank == 0 and stopped:
+        print(f"stopped by {stop.name or 'a signal on another rank'} after step {done} of {total}: "
+              f"checkpoint {os.path.join(args.out, f'step-{done}')}\nresume: the same command with "
+              f"--resume auto (or --resume {os.path.join(args.out, f'step-{done}')})")
+    elif rank == 0:
         print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
     del wrapped                      # DDP's reducer goes before the process group
     model_mod.close_distributed()
+    if rank == 0:                    # after teardown: nothing here can leave other ranks waiting
+        print(f"report: {report.write(os.path.join(args.out, 'report.html'), run=args.out)}")
 
 
 if __name__ == "__main__":
