@@ -86,7 +86,8 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, in_kernel_invocation_manager
 from torch.distributed.tensor import DTensor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -110,6 +111,7 @@ QWEN_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads
                    spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
 MAPS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reasonmap", "maps")
+README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
 
 
 def parse_args(argv=None):
@@ -148,7 +150,13 @@ def parse_args(argv=None):
                    help="--plan: a square map of about N image tokens instead of the largest map")
     p.add_argument("--no-search", action="store_true",
                    help="--plan: trace the command only, skip the largest settings that fit")
+    p.add_argument("--table", action="store_true",
+                   help="--plan: the largest --max-new-tokens per micro-batch for 24-141 GB GPUs, "
+                        "with and without --offload (fitted through traces at 512, 1024, 2048)")
     p.add_argument("--json", action="store_true", help="--plan: one JSON object on stdout")
+    p.add_argument("--check-readme", nargs="?", const=README, default=None, metavar="README",
+                   help="plan every GPU training command of the README as written; exit 1 if one "
+                        "does not fit --gpu-mem with --headroom")
     args, rest = p.parse_known_args(argv)
     if args.config and "--model" not in rest:   # the paper's defaults, as for a real checkpoint
         rest = ["--model", f"Qwen2.5-VL-{args.config.upper()}"] + rest
@@ -163,6 +171,8 @@ def parse_args(argv=None):
         p.error("--layers / --vision-layers only apply with --config")
     if args.vs_trl and not args.tiny:
         p.error("--vs-trl compares on the tiny model only")
+    if args.check_readme:
+        return args
     if args.plan and not (args.config or os.path.isfile(os.path.join(args.train.model, "config.json"))):
         p.error("--plan needs --config 3b|7b, or --model a local Qwen2.5-VL folder (its config.json)")
     if args.train.batch_size % args.gpus and args.plan:
@@ -554,6 +564,8 @@ GB = 1e9
 # In a fake trace, floating-point tensors of more than SMALL elements and any tensor of more than
 # SMALL_BYTES are fake: shape, dtype and strides, no data, no memory.
 SMALL, SMALL_BYTES = 1 << 16, 1 << 24
+EMPTY = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+         torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default)
 PHASES = ("load", "rollout prefill", "rollout decode", "policy forward", "reference forward",
           "backward", "optimizer")
 UPDATE_PHASES = {"policy_fwd": "policy forward", "ref_fwd": "reference forward", "backward": "backward"}
@@ -571,7 +583,7 @@ FRAME_CATEGORIES = (
     (os.sep + "model.py", "select", "inputs"),
     (os.sep + "model.py", None, "activations"),
     (os.sep + "grpo.py", None, "activations"),
-    (os.sep + "train.py", None, "inputs"),
+    (os.sep + "train.py", None, "activations"),   # loss.backward(): gradients of activations
     (os.sep + "bench.py", None, "inputs"),
 )
 
@@ -634,7 +646,8 @@ class MemoryTrace(TorchDispatchMode):
                     known.setdefault(id(st), category)
         out = collections.Counter()
         for key, (n, category) in self.live.items():
-            out[known.get(key, category)] += n
+            if category != "host":
+                out[known.get(key, category)] += n
         return out
 
     def track(self, tensors, category="inputs"):
@@ -650,9 +663,11 @@ class MemoryTrace(TorchDispatchMode):
             self.snaps[name] = self.snapshot()
 
     def _change(self, n, category):
-        self.now += n
         self.by_category[category] += n
         self.max_by_category[category] = max(self.max_by_category[category], self.by_category[category])
+        if category == "host":   # host memory (FSDP2 loads there): not on the GPU
+            return
+        self.now += n
         for name in self.stack:
             if self.now > self.peaks[name]:
                 self._record(name)
@@ -712,9 +727,15 @@ class MemoryTrace(TorchDispatchMode):
             return NotImplemented      # DTensor runs its local ops, which come back here
         if func is torch.ops.prim.device.default:   # asked of every fake tensor by C++
             return args[0].fake_device if isinstance(args[0], FakeTensor) else args[0].device
+        if active_fake_mode() is not None:   # DTensor's own fake shape inference: not memory
+            return func(*args, **kwargs)
         out = func(*args, **kwargs) if self.fake is None else self._run(func, args, kwargs)
+        if func in EMPTY and not isinstance(out, FakeTensor):
+            # zeros, not garbage: the fake process group leaves collective outputs unwritten, and
+            # a NaN there would make train.optimizer_step skip its step in one trace, not another
+            out.zero_()
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":   # DTensor's shape inference
                 st = t.untyped_storage()
                 if id(st) not in self.live:
                     self._new(st, self._category(func, args, t))
@@ -750,6 +771,14 @@ class MemoryTrace(TorchDispatchMode):
                               (i.nonzero().unbind(1) if isinstance(i, torch.Tensor) and i.dtype == torch.bool
                                and not isinstance(i, FakeTensor) else [i])], *args[2:])
         out = self._fake(func, args, kwargs, flat)
+        # a real tensor written from fake data (FSDP2 copying a fake all-gather into a small
+        # weight) holds zeros, not the garbage of a storage that was only resized
+        for i, a in enumerate(func._schema.arguments):
+            if a.alias_info is not None and a.alias_info.is_write:
+                value = kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+                for t in value if isinstance(value, (list, tuple)) else [value]:
+                    if isinstance(t, torch.Tensor) and not isinstance(t, FakeTensor):
+                        t.zero_()
         if isinstance(out, torch.Tensor) and not out.is_floating_point() and not out.is_complex() \
                 and not func._schema.returns[0].alias_info and out.numel() * out.element_size() <= SMALL_BYTES:
             return torch.zeros(out.shape, dtype=out.dtype)   # control flow on it can run
@@ -760,12 +789,20 @@ class MemoryTrace(TorchDispatchMode):
         whose layout follows from its inputs' shapes, strides and dtypes: keyed on those, a repeat
         is answered with empty fake tensors of the recorded layout (FakeTensorMode's own cache
         misses on views at new offsets, e.g. the vision tower's per-window attention)."""
+        if torch.Tag.view_copy not in func.tags and func.is_view and all(
+                isinstance(t, FakeTensor) for t in flat if isinstance(t, torch.Tensor)):
+            # a view of fake tensors: the meta kernel on them, wrapped as FakeTensorMode would
+            with in_kernel_invocation_manager(self.fake):
+                out = func(*args, **kwargs)
+            device = next(t for t in flat if isinstance(t, FakeTensor)).fake_device
+            wrap = self.fake.fake_tensor_converter.from_meta_and_device
+            return pytree.tree_map_only(torch.Tensor, lambda t: wrap(self.fake, t, device), out)
         functional = self.functional.get(func)
         if functional is None:
             schema = func._schema
-            functional = self.functional[func] = \
-                all(a.alias_info is None for a in [*schema.arguments, *schema.returns]) \
-                and torch.Tag.nondeterministic_seeded not in func.tags
+            # aten's schemas declare every alias; custom ops' (FSDP2's copy-in) may not
+            functional = self.functional[func] = func.namespace == "aten" \
+                and all(a.alias_info is None for a in [*schema.arguments, *schema.returns])
         key = None
         if functional:
             key = (func, *((tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
@@ -776,16 +813,16 @@ class MemoryTrace(TorchDispatchMode):
                 key = layout = None
             if layout is not None:
                 spec, metas = layout
-                with self.fake:
-                    leaves = [torch.empty_strided(m[0], m[1], dtype=m[2]) if isinstance(m, tuple) else m
-                              for m in metas]
+                make = self.fake.fake_tensor_converter.from_meta_and_device
+                leaves = [make(self.fake, torch.empty_strided(m[0], m[1], dtype=m[2], device="meta"), m[3])
+                          if isinstance(m, tuple) else m for m in metas]
                 return pytree.tree_unflatten(leaves, spec)
         with self.fake:
             out = func(*args, **kwargs)
         if key is not None:
             leaves, spec = pytree.tree_flatten(out)
-            self.layouts[key] = (spec, [(t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor)
-                                        else t for t in leaves])
+            self.layouts[key] = (spec, [(t.shape, t.stride(), t.dtype, t.device)
+                                        if isinstance(t, torch.Tensor) else t for t in leaves])
         return out
 
 
@@ -828,16 +865,20 @@ class PlannedRun:
         trace.identify = self._identify
         shapes = {key: v for key, v in shapes.items() if key != "name"}
         with trace, trace.phase("load"):
-            # as train.build: fp32 policy, the reference in bf16 under --bf16, each on the GPU in
-            # full before sharding (model.load moves a whole model to its device)
-            with trace.phase("load", category="weights"):
+            # as train.build: the fp32 policy and the reference (bf16 under --bf16) go to the GPU
+            # whole (model.load), or under FSDP2 stay on the host until sharded
+            with trace.phase("load", category="host" if targs.fsdp else "weights"):
                 self.policy, self.processor = build_qwen_shaped(shapes, dtype=torch.float32)
                 if targs.kl > 0 and targs.algo == "grpo":
                     dtype = torch.bfloat16 if targs.bf16 else torch.float32
                     self.ref = build_qwen_shaped(shapes, dtype=dtype)[0]
+            # FSDP2 moves a unit's whole weights to the GPU, then shards them: the largest unit's
+            # visit (computed; on one CPU device there is no move to trace)
+            self.unit_bytes = max(_own_bytes(train.fsdp_units(self.policy))) if targs.fsdp else 0
             model_mod.set_max_pixels(self.processor, targs.max_pixels)
             self.wrapped = train.distribute(self.policy, self.ref, self.processor, targs, "cpu", gpus)
-        self.loaded = (trace.peaks["load"], trace.snaps["load"])
+        snap = trace.snaps["load"] + collections.Counter({"fp32 master": self.unit_bytes})
+        self.loaded = (trace.peaks["load"] + self.unit_bytes, snap)
         if hasattr(self.wrapped, "register_comm_hook"):
             # the fake process group's all-reduce leaves DDP no result: complete it in place
             self.wrapped.register_comm_hook(None, _done_in_place)
@@ -947,6 +988,15 @@ class PlannedRun:
         dist.destroy_process_group()
 
 
+def _own_bytes(units):
+    """Bytes of each unit's parameters that no earlier unit holds."""
+    seen = set()
+    for unit in units:
+        own = [p for p in unit.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        yield sum(p.numel() * p.element_size() for p in own)
+
+
 def _done_in_place(state, bucket):
     fut = torch.futures.Future()
     fut.set_result(bucket.buffer())
@@ -1053,6 +1103,32 @@ def host_memory(shapes_params, args):
     return out
 
 
+GPU_SIZES = (24, 40, 48, 80, 141)
+
+
+def plan_table(run, image_size, headroom, cap=16384, step=256):
+    """{micro-batch: {"offload"|"no offload": {GB: largest --max-new-tokens or None}}}: each
+    phase's peak fitted as a quadratic in T through traces at T = 512, 1024, 2048 (the rollout
+    traced once: it does not depend on the micro-batch)."""
+    k, rows = run.targs.group_size, run.targs.batch_size // run.gpus * run.targs.group_size
+    table, rollout = {}, {}
+    for m in sorted(m for m in range(1, rows + 1) if m % k == 0 or k % m == 0):
+        points = {}
+        for t in (512, 1024, 2048):
+            points[t] = run.trial(t, m, image_size, rollout=not rollout.get(t))
+            rollout.setdefault(t, {n: v for n, v in points[t].items() if n.startswith("rollout")})
+            points[t].update(rollout[t])
+        table[m] = {}
+        for offload in (False, True):
+            gpu = {t: _gpu(r, offload) for t, r in points.items()}
+            fitted = [_fit_quadratic([(t, gpu[t][name][0]) for t in sorted(gpu)]) for name in gpu[512]]
+            table[m]["offload" if offload else "no offload"] = {
+                size: next((t for t in range(cap, step - 1, -step) if all(
+                    a * t * t + b * t + c <= size * (1 - headroom) * GB for a, b, c in fitted)), None)
+                for size in GPU_SIZES}
+    return table
+
+
 def plan_main(args):
     """python bench.py --plan ...: trace train.py's step for the command, print the table (or
     --json) and the largest settings that fit."""
@@ -1072,15 +1148,19 @@ def plan_main(args):
     elif maps:
         path, _, image_size, _ = max(maps, key=lambda m: m[3])
         where = f"the largest map, {os.path.relpath(path)}"
-    else:
-        raise SystemExit(f"--plan: no maps under {args.maps} (give --maps DIR or --image-tokens N)")
+    else:   # no maps at hand: the largest near-square map the budget admits
+        cells = (targs.max_pixels or data_mod.PAPER_MAX_PIXELS) // (28 * 28)
+        side = math.isqrt(cells)
+        image_size = (side * 28, cells // side * 28)
+        where = f"a {image_size[0]}x{image_size[1]} px map (no maps under {args.maps})"
     mode = "fsdp" if targs.fsdp else ("ddp" if args.gpus > 1 else "single")
     report = {"config": shapes["name"], "gpus": args.gpus, "mode": mode, "gpu_mem_gb": args.gpu_mem,
               "budget_gb": round(budget / GB, 2), "planned_at": where,
               "settings": {key: getattr(targs, key) for key in (
                   "batch_size", "group_size", "micro_batch", "max_new_tokens", "max_pixels", "kl",
                   "bf16", "fsdp", "offload", "grad_checkpointing", "freeze_vision")}}
-    modes = [mode] if args.no_search else [mode] + [m for m in ("fsdp", "ddp") if m != mode and args.gpus > 1]
+    modes = [mode] if args.no_search or args.table else \
+        [mode] + [m for m in ("fsdp", "ddp") if m != mode and args.gpus > 1]
     for m in modes:
         margs = argparse.Namespace(**vars(targs))
         margs.fsdp, margs.offload = m == "fsdp", targs.offload and m == "fsdp"
@@ -1102,7 +1182,9 @@ def plan_main(args):
                     parameters=sum(p.numel() for p in run.policy.parameters()))
                 report["fits"] = report["peak_gb"] * GB <= budget
                 text_tokens = report["prompt_tokens"] - report["image_tokens"]
-            if not args.no_search:
+            if args.table and m == mode:
+                report["table"] = plan_table(run, image_size, args.headroom)
+            elif not args.no_search:
                 report.setdefault("largest_that_fit", {})[m] = search(
                     run, result if m == mode else run.trial(targs.max_new_tokens, targs.micro_batch, image_size),
                     targs.max_new_tokens, targs.micro_batch, image_size, budget, margs.offload)
@@ -1160,6 +1242,15 @@ def plan_text(r):
         lines.append(f"largest that fit, {label}: --micro-batch {mb if mb else 'none'} at "
                      f"{s['max_new_tokens']:,} new tokens; --max-new-tokens "
                      f"{f'{mt:,}' if mt else 'none'} at micro-batch {s['micro_batch']}")
+    if "table" in r:
+        lines.append(f"\nlargest --max-new-tokens that fit with {1 - r['budget_gb'] / r['gpu_mem_gb']:.0%} "
+                     "headroom (each phase's peak fitted through T = 512, 1,024, 2,048):")
+        lines.append(f"{'micro-batch':>12s} {'':10s}" + "".join(f"{size:>8d} GB" for size in GPU_SIZES))
+        for m, by in r["table"].items():
+            for label, row in by.items():
+                lines.append(f"{m:>12} {label:10s}" + "".join(
+                    f"{row[size] or '-':>11}" if not isinstance(row[size], int) else f"{row[size]:>11,}"
+                    for size in GPU_SIZES))
     lines.append("host memory per node (computed, not traced): " + ", ".join(
         f"{key} {v:,.0f} GB" for key, v in r["host_gb_per_node"].items()))
     if r["data_dependent_reads"]:
@@ -1172,6 +1263,58 @@ def plan_text(r):
                          f"{m['read_at'][1]}: {m['image_tokens']:,}, {m['prompt_tokens']:,}")
     lines.append(f"({r['seconds']:.0f} s)")
     return "\n".join(lines)
+
+
+READMEOUT = ("--out", "--save-every", "--resume", "--log-samples", "--seed")
+
+
+def readme_commands(path):
+    """(gpus, config, train.py argv) of every `torchrun ... train.py --model .../Qwen2.5-VL-<N>B...`
+    command in a README (continuation lines joined, comments dropped)."""
+    import re
+    import shlex
+    with open(path, encoding="utf-8") as f:
+        text = f.read().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        words = shlex.split(line.split("#")[0]) if "torchrun" in line and "train.py" in line else []
+        if "--model" not in words:
+            continue
+        size = re.search(r"(\d+)B", words[words.index("--model") + 1])
+        nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
+        if size:
+            out.append((nproc, f"{size.group(1)}b".lower(), words[words.index("train.py") + 1:]))
+    return out
+
+
+def check_readme(args):
+    """bench.py --check-readme: every README GPU training command, planned as written."""
+    commands = readme_commands(args.check_readme)
+    if not commands:
+        raise SystemExit(f"{args.check_readme}: no `torchrun ... train.py --model ...<N>B` command")
+    verdicts, seen = [], set()
+    for gpus, config, argv in commands:
+        # output, checkpoint and log flags change nothing in memory; a missing --data file
+        # means the maps under --maps, as for every other such command
+        key = [w for i, w in enumerate(argv) if not (argv[i - 1:i] and argv[i - 1] in READMEOUT)
+               and w not in READMEOUT]
+        if "--data" in key and not os.path.isfile(key[key.index("--data") + 1]):
+            del key[key.index("--data"):key.index("--data") + 2]
+        if (gpus, config, *key) in seen:
+            continue
+        seen.add((gpus, config, *key))
+        plan_args = parse_args(["--plan", "--no-search", "--config", config, "--gpus", str(gpus),
+                                "--gpu-mem", str(args.gpu_mem), "--headroom", str(args.headroom),
+                                "--maps", args.maps] + argv)
+        report = plan_main(plan_args)
+        verdicts.append((report["fits"], f"{report['peak_gb']:5.1f} GB of {report['budget_gb']:.1f} "
+                                         f"({config}, {gpus} GPUs): train.py {' '.join(argv)}"))
+        print()
+    for fits, line in verdicts:
+        print(("fits      " if fits else "TOO LARGE ") + line)
+    if not all(fits for fits, _ in verdicts):
+        raise SystemExit(1)
+    return verdicts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1228,6 +1371,8 @@ def run_bench(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.check_readme:
+        return check_readme(args)
     if args.plan:
         return plan_main(args)
     if args.vs_trl:

@@ -212,13 +212,16 @@ class ImageCache:
 def build(args, device, world, init_from):
     """(policy, wrapped policy, processor, reference or None)."""
     # fp32 master weights always: at lr 1e-6 a bf16 weight (8-bit mantissa) would not move at all.
-    # --bf16 computes in bf16 (autocast under DDP, MixedPrecisionPolicy under FSDP2).
-    policy, processor = model_mod.load(init_from, device=device, dtype=torch.float32,
+    # --bf16 computes in bf16 (autocast under DDP, MixedPrecisionPolicy under FSDP2). FSDP2 loads
+    # on the host and fully_shard moves each unit's shard to the GPU: no GPU ever holds a whole
+    # fp32 model (bench.py --plan: 7B's load would otherwise be its peak, 50 GB).
+    at = "cpu" if args.fsdp else device
+    policy, processor = model_mod.load(init_from, device=at, dtype=torch.float32,
                                        max_pixels=args.max_pixels)
     ref = None
     if args.kl > 0 and args.algo == "grpo":   # a reference model only when the KL term is on
         # the reference is the initial model (also on --resume), never updated: bf16 is enough
-        ref, _ = model_mod.load(args.model, device=device, max_pixels=args.max_pixels,
+        ref, _ = model_mod.load(args.model, device=at, max_pixels=args.max_pixels,
                                 dtype=torch.bfloat16 if args.bf16 else torch.float32)
     return policy, distribute(policy, ref, processor, args, device, world), processor, ref
 
@@ -255,14 +258,18 @@ def fsdp_shard(net, processor, args, device):
               if args.bf16 else MixedPrecisionPolicy())
     if args.offload:
         kw["offload_policy"] = CPUOffloadPolicy()
-    for unit in [*net.model.language_model.layers, *net.model.visual.blocks, net.model.visual]:
+    for unit in fsdp_units(net):
         fully_shard(unit, **kw)
-    fully_shard(net, **kw)
     # FSDP2 initialises from the first root forward; gathered() calls unshard() on children
     # before any, so run one text-only token through the root now (same on every rank).
     with torch.no_grad():
         net(input_ids=torch.tensor([[processor.tokenizer.pad_token_id]], device=device))
     fsdp_reshard(net)   # else the optimizer would collect the root's gathered copies
+
+
+def fsdp_units(net):
+    """FSDP2's units, innermost first: decoder layers, vision blocks, the vision tower, the root."""
+    return [*net.model.language_model.layers, *net.model.visual.blocks, net.model.visual, net]
 
 
 def fsdp_reshard(policy):
@@ -668,7 +675,7 @@ def update(wrapped, policy, ref, rollout, advantages, args, world, device, nan_n
 
 def optimizer_step(opt, params, loss, args, world, device):
     """Grad-norm clip and AdamW step, then the gradients are freed at once (not kept through the
-    next rollout). Grads are all-reduced, so a non-finite norm is seen by every rank alike; the
+    next rollout; bench.py --plan). Grads are all-reduced, so a non-finite norm is seen by every rank alike; the
     loss flag is summed as well, so all ranks skip together (a lone skip would desync DDP).
     Returns (grad norm, skipped)."""
     norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
@@ -676,7 +683,9 @@ def optimizer_step(opt, params, loss, args, world, device):
     bad = all_sum(0.0 if math.isfinite(loss) else 1.0, world, device) > 0 or not math.isfinite(norm)
     if not bad:
         opt.step()
-    opt.zero_grad(set_to_none=True)
+    # Under DDP the gradients are views of its all-reduce buckets, which it keeps anyway: zero
+    # them in place (set to None, the next no_sync micro-batch would build a second copy).
+    opt.zero_grad(set_to_none=args.fsdp or world == 1)
     return norm, bad
 
 
