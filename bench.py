@@ -1,30 +1,47 @@
-"""Where the time of one GRPO step goes, and how our step compares with TRL's GRPOTrainer.
+"""Where the time of one GRPO step goes, how our step compares with TRL's GRPOTrainer, and how
+much GPU memory a train.py command needs (planned on a CPU, with fake tensors).
 
     python bench.py                                          # tiny model, train.py's CPU quick-start shapes
     python bench.py --kl 1e-3 --old-logp                     # + reference forward, + an old-logp forward
     python bench.py --config 3b --layers 2 --vision-layers 2 --batch-size 1 --group-size 4 \\
-                    --max-new-tokens 16 --image-size 224     # the real 3B shapes, cut in depth for a CPU
+                    --max-new-tokens 16 --max-pixels 50176   # the real 3B shapes, cut in depth for a CPU
     python bench.py --model /models/Qwen2.5-VL-3B-Instruct --bf16   # a local checkpoint (GPU)
     torchrun --standalone --nproc_per_node=2 bench.py        # DDP, each rank its own questions
     /tmp/trlenv/bin/python bench.py --vs-trl                 # ours vs TRL, alternated step by step
+    python bench.py --plan --config 3b --gpus 8 --gpu-mem 80 --fsdp --bf16 --grad-checkpointing
+                                                             # memory per GPU, phase by phase (no GPU)
+    python bench.py --check-readme                           # every README GPU command fits (CI)
 
-A benchmark, not a test: it asserts nothing about time. Output is one JSON object (stdout and
---out FILE): the medians over --steps timed steps after --warmup untimed ones.
+Every flag bench.py does not know is train.py's, parsed by train.parse_args, so a README command
+is timed or planned exactly as written (its defaults too: --model tiny gets the quick-start
+shapes, K=8, 8 questions, 32 new tokens, no KL; a real or --config model the paper's, §5.1: K=8,
+KL 1e-3, 2048 new tokens; use smaller numbers on a CPU).
 
-The timed step is train.py's step, re-composed from the same calls (DESIGN.md §1: nothing imports
-train.py): model.generate on the unwrapped policy -> reward.compute_reward per completion ->
-grpo.group_advantages -> zero_grad -> per micro-batch of questions model.select +
-model.token_logprobs (through the DDP wrapper) + reference log-probs under torch.no_grad when
-kl > 0 + grpo.grpo_loss(logp, logp.detach(), ...) with the global token count + backward ->
-clip_grad_norm_(1.0) -> AdamW step. Phases are timed apart (synchronising CUDA before each clock
-read): sample, score (reward + advantages), policy_fwd, ref_fwd, old_fwd, backward, optimizer.
-train.py does one update per batch, so π_old = π_θ and it spends no old-logp forward; --old-logp
-times the no_grad forward that a second update per batch (ppo_epochs > 1) would need, so its price
-is on the table. Defaults follow train.py: --model tiny gets its quick-start shapes (K=8, 8
-questions, 32 new tokens, no KL), a real or --config model the paper's (§5.1: K=8, KL 1e-3, 2048
-new tokens; use smaller numbers on a CPU).
+Timing. A benchmark, not a test: it asserts nothing about time. Output is one JSON object (stdout
+and --json-out FILE): the medians over --steps timed steps after --warmup untimed ones. The timed
+step is train.py's: model.generate (under train.gathered / train.autocast) -> train.score ->
+grpo.group_advantages -> train.update itself, whose phase hooks time the policy forwards, the
+reference forwards and the backwards -> train.optimizer_step. Phases (CUDA synchronised before
+each clock read): sample, score, policy_fwd, ref_fwd, old_fwd, backward, optimizer. train.py does
+one update per batch, so pi_old = pi_theta and it spends no old-logp forward; --old-logp times the
+no_grad forward per micro-batch that a second update per batch (ppo_epochs > 1) would need.
 
-Numbers reported:
+Memory plan (--plan; method, validation and tables: docs/memory.md). Rank 0 of --gpus ranks runs
+in this process on a fake process group, the models built from the real 3B/7B config (or --model's
+config.json) with FakeTensors (shapes, no data), then train.distribute shards or wraps them as
+train.build does, a warm-up step creates AdamW's state, and one step is traced: the rollout where
+its memory peaks (model.shared_prefill, then HF generate's last decode step on a KV cache grown to
+full length), train.update (two micro-batches: later ones repeat the second) and
+train.optimizer_step. Every live tensor storage is counted by category, at each phase's peak.
+Printed: the peak per GPU, phase by phase, what is live, whether it fits --gpu-mem less
+--headroom, the largest --micro-batch and --max-new-tokens that fit for FSDP2 and DDP (skip with
+--no-search), host memory per node (computed) and each map's prompt length at --max-pixels; --json
+gives one object. Maps: --data's figures if that file exists, else every image under --maps; the
+plan is traced at the largest (--image-tokens N: a map of N image tokens instead). --table: the
+largest --max-new-tokens per micro-batch (up to --micro-batch) for 24 to 141 GB GPUs, with and
+without --offload, traced at 1,024 to 8,192 new tokens and interpolated between (plan_table).
+
+Numbers reported (timing):
   phases_s            median seconds per phase, and step_s the median step
   sample_tokens_per_s generated tokens (end-of-turn included) / sampling time
   train_tokens_per_s  completion tokens / (policy + ref + old forwards + backward + optimizer)
@@ -147,12 +164,13 @@ def parse_args(argv=None):
     p.add_argument("--maps", default=MAPS,
                    help="--plan: map images (a folder, searched recursively) when --data is absent")
     p.add_argument("--image-tokens", type=int, default=None,
-                   help="--plan: a square map of about N image tokens instead of the largest map")
+                   help="--plan: a map of N image tokens (w x h cells, as square as N allows) "
+                        "instead of the largest map")
     p.add_argument("--no-search", action="store_true",
                    help="--plan: trace the command only, skip the largest settings that fit")
     p.add_argument("--table", action="store_true",
-                   help="--plan: the largest --max-new-tokens per micro-batch for 24-141 GB GPUs, "
-                        "with and without --offload (fitted through traces at 512, 1024, 2048)")
+                   help="--plan: the largest --max-new-tokens per micro-batch (up to --micro-batch) "
+                        "for 24-141 GB GPUs, with and without --offload (traces at 1k-8k tokens)")
     p.add_argument("--json", action="store_true", help="--plan: one JSON object on stdout")
     p.add_argument("--check-readme", nargs="?", const=README, default=None, metavar="README",
                    help="plan every GPU training command of the README as written; exit 1 if one "
@@ -1104,28 +1122,34 @@ def host_memory(shapes_params, args):
 
 
 GPU_SIZES = (24, 40, 48, 80, 141)
+TABLE_T = (1024, 2048, 4096, 8192)
 
 
-def plan_table(run, image_size, headroom, cap=16384, step=256):
-    """{micro-batch: {"offload"|"no offload": {GB: largest --max-new-tokens or None}}}: each
-    phase's peak fitted as a quadratic in T through traces at T = 512, 1024, 2048 (the rollout
-    traced once: it does not depend on the micro-batch)."""
+def plan_table(run, image_size, headroom, step=256):
+    """{micro-batch up to --micro-batch: {"offload"|"no offload": {GB: the largest --max-new-tokens
+    that fits, TABLE_T[-1] meaning at least that, None: not even `step`}}}. Traced at TABLE_T
+    (the rollout once per T: it does not depend on the micro-batch); between those points each
+    phase's peak is the quadratic through the three nearest traced ones (sizes grow with the
+    sequence, the attention mask with its square)."""
     k, rows = run.targs.group_size, run.targs.batch_size // run.gpus * run.targs.group_size
     table, rollout = {}, {}
-    for m in sorted(m for m in range(1, rows + 1) if m % k == 0 or k % m == 0):
-        points = {}
-        for t in (512, 1024, 2048):
-            points[t] = run.trial(t, m, image_size, rollout=not rollout.get(t))
-            rollout.setdefault(t, {n: v for n, v in points[t].items() if n.startswith("rollout")})
-            points[t].update(rollout[t])
+    for m in sorted(m for m in range(1, min(rows, run.targs.micro_batch) + 1) if m % k == 0 or k % m == 0):
+        traced = {}
+        for t in TABLE_T:
+            traced[t] = run.trial(t, m, image_size, rollout=t not in rollout)
+            rollout.setdefault(t, {n: v for n, v in traced[t].items() if n.startswith("rollout")})
+            traced[t].update(rollout[t])
         table[m] = {}
         for offload in (False, True):
-            gpu = {t: _gpu(r, offload) for t, r in points.items()}
-            fitted = [_fit_quadratic([(t, gpu[t][name][0]) for t in sorted(gpu)]) for name in gpu[512]]
+            gpu = {t: _gpu(r, offload) for t, r in traced.items()}
+
+            def peak(t):
+                near = sorted(gpu, key=lambda x: abs(x - t))[:3]
+                return max(a * t * t + b * t + c for a, b, c in (
+                    _fit_quadratic([(x, gpu[x][name][0]) for x in near]) for name in gpu[near[0]]))
             table[m]["offload" if offload else "no offload"] = {
-                size: next((t for t in range(cap, step - 1, -step) if all(
-                    a * t * t + b * t + c <= size * (1 - headroom) * GB for a, b, c in fitted)), None)
-                for size in GPU_SIZES}
+                size: next((t for t in range(TABLE_T[-1], step - 1, -step)
+                            if peak(t) <= size * (1 - headroom) * GB), None) for size in GPU_SIZES}
     return table
 
 
@@ -1141,17 +1165,19 @@ def plan_main(args):
     _, processor = model_mod.build_tiny()
     model_mod.set_max_pixels(processor, targs.max_pixels)
     maps = plan_maps(args, processor)
-    if args.image_tokens:
-        side = max(1, round(math.sqrt(args.image_tokens))) * 28
-        image_size, where = (side, side), f"a {side}x{side} px map"
-        targs.max_pixels = max(targs.max_pixels or 0, side * side)
+    if args.image_tokens:   # w x h cells of 28x28 px, w*h = N and as square as N allows
+        n = args.image_tokens
+        w = max((d for d in range(1, math.isqrt(n) + 1) if n % d == 0 and n // d <= 4 * d), default=0)
+        w, h = (w, n // w) if w else (math.isqrt(n), math.isqrt(n))
+        image_size, where = (w * 28, h * 28), f"a {w * 28}x{h * 28} px map"
+        targs.max_pixels = max(targs.max_pixels or 0, w * h * 28 * 28)
     elif maps:
         path, _, image_size, _ = max(maps, key=lambda m: m[3])
         where = f"the largest map, {os.path.relpath(path)}"
-    else:   # no maps at hand: the largest near-square map the budget admits
+    else:   # no maps at hand: the most image tokens the budget admits (sides within 1:2)
         cells = (targs.max_pixels or data_mod.PAPER_MAX_PIXELS) // (28 * 28)
-        side = math.isqrt(cells)
-        image_size = (side * 28, cells // side * 28)
+        w = max(range(max(1, math.isqrt(cells // 2)), math.isqrt(cells) + 1), key=lambda w: w * (cells // w))
+        image_size = (w * 28, cells // w * 28)
         where = f"a {image_size[0]}x{image_size[1]} px map (no maps under {args.maps})"
     mode = "fsdp" if targs.fsdp else ("ddp" if args.gpus > 1 else "single")
     report = {"config": shapes["name"], "gpus": args.gpus, "mode": mode, "gpu_mem_gb": args.gpu_mem,
@@ -1162,14 +1188,16 @@ def plan_main(args):
     modes = [mode] if args.no_search or args.table else \
         [mode] + [m for m in ("fsdp", "ddp") if m != mode and args.gpus > 1]
     for m in modes:
+        # --offload is traced without FSDP2's offload policy (pinned host memory needs CUDA) and
+        # taken off each phase's peak by _gpu
         margs = argparse.Namespace(**vars(targs))
-        margs.fsdp, margs.offload = m == "fsdp", targs.offload and m == "fsdp"
+        margs.fsdp, margs.offload, offload = m == "fsdp", False, targs.offload and m == "fsdp"
         run = PlannedRun(shapes, margs, args.gpus)
         try:
             if m == mode:
                 result = run.trial(targs.max_new_tokens, targs.micro_batch, image_size)
                 enc, _ = run._encode(image_size)
-                gpu = _gpu(result, margs.offload)
+                gpu = _gpu(result, offload)
                 report.update(
                     peak_gb=round(_peak(gpu) / GB, 2),
                     phases={name: round(n / GB, 2) for name, (n, _) in gpu.items()},
@@ -1187,7 +1215,7 @@ def plan_main(args):
             elif not args.no_search:
                 report.setdefault("largest_that_fit", {})[m] = search(
                     run, result if m == mode else run.trial(targs.max_new_tokens, targs.micro_batch, image_size),
-                    targs.max_new_tokens, targs.micro_batch, image_size, budget, margs.offload)
+                    targs.max_new_tokens, targs.micro_batch, image_size, budget, offload)
         finally:
             run.close()
     report["host_gb_per_node"] = {key: round(v / GB, 1) for key, v in host_memory(report["parameters"], args).items()}
@@ -1244,12 +1272,12 @@ def plan_text(r):
                      f"{f'{mt:,}' if mt else 'none'} at micro-batch {s['micro_batch']}")
     if "table" in r:
         lines.append(f"\nlargest --max-new-tokens that fit with {1 - r['budget_gb'] / r['gpu_mem_gb']:.0%} "
-                     "headroom (each phase's peak fitted through T = 512, 1,024, 2,048):")
+                     f"headroom (traced at {', '.join(f'{t:,}' for t in TABLE_T)}; '-': none):")
         lines.append(f"{'micro-batch':>12s} {'':10s}" + "".join(f"{size:>8d} GB" for size in GPU_SIZES))
         for m, by in r["table"].items():
             for label, row in by.items():
                 lines.append(f"{m:>12} {label:10s}" + "".join(
-                    f"{row[size] or '-':>11}" if not isinstance(row[size], int) else f"{row[size]:>11,}"
+                    f"{'-' if row[size] is None else ('>=' if row[size] == TABLE_T[-1] else '') + f'{row[size]:,}':>11}"
                     for size in GPU_SIZES))
     lines.append("host memory per node (computed, not traced): " + ", ".join(
         f"{key} {v:,.0f} GB" for key, v in r["host_gb_per_node"].items()))

@@ -3033,6 +3033,29 @@ def test_memory_plan_map_tokens_match_processor():
             assert [os.path.basename(m[0]) for m in bench.plan_maps(args, processor)] == ["m0.png", "m2.png"]
 
 
+def test_memory_plan_readme_commands_parsed():
+    """bench.py --check-readme finds each `torchrun ... train.py --model .../<N>B...` command of a
+    README (continuation lines joined, comments dropped, CPU and eval commands left out), with its
+    GPU count and train.py flags; and the plan's fit is exact on a quadratic."""
+    import bench
+    text = ("```bash\ntorchrun --standalone --nproc_per_node=2 train.py --out runs/ddp   # CPU\n"
+            "torchrun --standalone --nproc_per_node=8 train.py --model /m/Qwen2.5-VL-3B-Instruct \\\n"
+            "    --data d.jsonl --out runs/3b --bf16 --fsdp   # FSDP2, 8 GPUs\n"
+            "torchrun --nproc_per_node=4 eval.py --model /m/Qwen2.5-VL-7B-Instruct --data t.jsonl\n"
+            "torchrun --nnodes 2 --nproc_per_node=8 train.py --model /m/Qwen2.5-VL-7B-Instruct --fsdp\n```\n")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "README.md")
+        with open(path, "w") as f:
+            f.write(text)
+        found = bench.readme_commands(path)
+    assert found == [(8, "3b", ["--model", "/m/Qwen2.5-VL-3B-Instruct", "--data", "d.jsonl", "--out",
+                                "runs/3b", "--bf16", "--fsdp"]),
+                     (8, "7b", ["--model", "/m/Qwen2.5-VL-7B-Instruct", "--fsdp"])], found
+    a, b, c = bench._fit_quadratic([(512, 3 * 512 ** 2 + 7 * 512 + 11), (1024, 3 * 1024 ** 2 + 7 * 1024 + 11),
+                                    (2048, 3 * 2048 ** 2 + 7 * 2048 + 11)])
+    assert abs(a - 3) < 1e-9 and abs(b - 7) < 1e-6 and abs(c - 11) < 1e-3
+
+
 # =============================================================================================
 # The runner: discover test_* functions in this module, run them in file order.
 

@@ -257,6 +257,8 @@ def fsdp_shard(net, processor, args, device):
     kw = dict(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if args.bf16 else MixedPrecisionPolicy())
     if args.offload:
+        if not torch.cuda.is_available():
+            raise SystemExit("--offload needs GPUs (FSDP2 offloads to pinned host memory)")
         kw["offload_policy"] = CPUOffloadPolicy()
     for unit in fsdp_units(net):
         fully_shard(unit, **kw)
