@@ -63,8 +63,14 @@ def group_advantages(rewards, group_size, scale=False, eps=1e-6):
     Returns a float32 tensor of the same length. §4.1: Â_i = r_i − mean(group) (scale=False,
     the paper). scale=True divides by the group's unbiased std + eps (the release; see note 1
     in the module docstring: it cancels the difficulty weight). A group whose rewards are all
-    equal gets zeros either way: no learning signal (that share is train.py's zero_std_frac).
+    equal gets exactly 0 either way: no learning signal (that share is train.py's zero_std_frac).
     A group of one has no spread; its std is taken as 0 (torch would give NaN).
+
+    Exactness (note 1): the rewards are rounded to float32 (the contract's dtype), then every
+    statistic is taken in float64, where sums of float32 values are exact, so an all-equal group
+    has mean = its value and std = 0 exactly, whatever the group size, the summation order and
+    the other groups in the batch. No threshold on the std: Â stays continuous as a group's
+    spread shrinks to 0 (the eps bounds |Â| ≤ spread / eps on the way).
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -75,12 +81,13 @@ def group_advantages(rewards, group_size, scale=False, eps=1e-6):
         raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
     if not torch.isfinite(r).all():
         raise ValueError("rewards contain NaN or inf")
-    g = r.view(-1, group_size)
-    adv = g - g.mean(dim=1, keepdim=True)
+    g = r.double().view(-1, group_size)
+    # sum / K, not torch's mean: a mean kernel may multiply by a rounded 1/K (CUDA does).
+    adv = g - g.sum(dim=1, keepdim=True) / group_size
     if scale:
-        std = g.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-        adv = adv / (std + eps)
-    return adv.reshape(-1)
+        var = adv.square().sum(dim=1, keepdim=True) / max(group_size - 1, 1)   # unbiased
+        adv = adv / (var.sqrt() + eps)
+    return adv.float().reshape(-1)
 
 
 def kl_k3(logp, ref_logp):

@@ -1033,6 +1033,61 @@ def test_grpo_advantages_scaled():
     assert _close(grpo.group_advantages([3.0], 1, scale=True), [0.0])
 
 
+def _every_reward_total():
+    """Every total compute_reward can return (§4.2): W · (format + correctness + α·detail) with
+    W ∈ {1 (no difficulty), γ, γ + β}, α ∈ {0.3, 0.5, 0.7}, detail an integer <= 10 (Alg. 1;
+    -100 = a 21-segment answer to a direct route)."""
+    gammas = list(reward.GAMMA.values())
+    weights = {1.0, *gammas, *(g + reward.BETA_TRANSFER for g in gammas)}
+    return sorted({w * (fmt + cor + alpha * det) for w in weights for alpha in (0.3, 0.5, 0.7)
+                   for fmt in (0.0, 1.0) for cor in (0.0, reward.CORRECT) for det in range(-100, 11)})
+
+
+def test_grpo_advantages_equal_groups_exactly_zero():
+    # Issue 11: float32 statistics gave eight 19.2s +0.63 each alone and +1.9 among 60 groups.
+    values = _every_reward_total()
+    assert len(values) == 3007 and 1.2 * (1 + 10 + 0.5 * 6) in values     # 19.2: a middle map
+    rng = random.Random(0)
+    for k in (8, 6):                  # the paper's K, and one that is not a power of two
+        for scale in (False, True):
+            def adv(rewards):
+                return grpo.group_advantages(rewards, k, scale=scale)
+            for v in values:                                  # each group alone
+                a = adv([v] * k)
+                assert a.dtype == torch.float32 and not a.any(), (k, scale, v, a)
+            for i in range(0, len(values), 60):               # 60 all-equal groups in a batch
+                assert not adv([v for v in values[i:i + 60] for _ in range(k)]).any(), (k, scale, i)
+            for i in range(0, len(values), 30):               # mixed with groups that do vary
+                spread = [[rng.choice(values) for _ in range(k)] for _ in values[i:i + 30]]
+                batch = [g for v, s in zip(values[i:i + 30], spread) for g in ([v] * k, s)]
+                a = adv([r for g in batch for r in g]).view(-1, k)
+                assert not a[0::2].any(), (k, scale, i)
+                for row, s in zip(a[1::2], spread):          # no other group changes its Â
+                    assert torch.equal(row, adv(s)), (k, scale, s)
+
+
+def test_grpo_advantages_near_equal_continuous():
+    # Seven rewards x and one x + d: mean x + d/8, unbiased std d/√8, so the odd one out gets
+    # (7d/8) / (d/√8 + eps) -> 7/√8 for d >> eps and -> 0 with d: no jump at d = 0.
+    eps = 1e-6
+    for x in (0.0, 19.2, -41.5, 13.2):
+        x32 = torch.tensor(x).item()                          # the float32 value of x
+        for delta in (1.0, 1e-2, 1e-4, 3e-6, 1e-6, 1e-7, 1e-9, 1e-12):
+            top = torch.tensor(x + delta).item()              # x + delta rounded to float32
+            d = top - x32                                     # exact: nearby float32 values
+            if d == 0:
+                continue
+            rewards = [x] * 7 + [x + delta]
+            scaled = grpo.group_advantages(rewards, 8, scale=True)
+            s = d / math.sqrt(8)
+            want = [-d / 8 / (s + eps)] * 7 + [7 * d / 8 / (s + eps)]
+            assert torch.isfinite(scaled).all() and scaled.abs().max() <= 7 / math.sqrt(8)
+            assert _close(scaled, want, tol=1e-6), (x, delta, scaled, want)
+            assert _close(grpo.group_advantages(rewards, 8), [-d / 8] * 7 + [7 * d / 8], tol=1e-6)
+    tiny = grpo.group_advantages([0.0] * 7 + [1e-12], 8, scale=True)
+    assert 0 < tiny[-1] < 1e-6 and _close(tiny[-1], 7e-12 / 8 / eps, tol=1e-12)
+
+
 def test_grpo_advantages_bad_input():
     _raises(lambda: grpo.group_advantages([1, 2, 3], 2), "3 rewards", "groups of 2")
     _raises(lambda: grpo.group_advantages([1, 2], 0), "group_size")
