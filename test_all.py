@@ -655,7 +655,7 @@ def test_reward_map_score_long():
     seg = ("Line 1", "A", "D")
     assert map_score(_route(seg, extra=["Number of Via Stops: 2"]), long1) == 1 + 4 + 4 + 20
     assert map_score(_route(seg, extra=["Number of Via Stops: 3"]), long1) == 1 + 4 + 2 + 20
-    assert map_score(_route(seg), long1) == 1 + 4 + 0 + 20           # missing count reads 0
+    assert map_score(_route(seg), long1) == 1 + 4 + 0 + 20           # missing count: no points
     long2 = dict(long1, template="long2")                          # "Via Stops"
     got = map_score(_route(seg, extra=["Via Stops: B Station, Z"]), long2)
     assert abs(got - (1 + 4 + (10 * 1 / 3 + 1) / 2 + 20)) < 1e-12    # IoU {b}/{b,c,z}, 1 hit
@@ -666,6 +666,42 @@ def test_reward_map_score_long():
         1 + 2 + (0 + 2) / 2
     # the short template ignores via stops
     assert map_score(_route(seg, extra=["Via Stops: B, C"]), dict(long1, template="short")) == 5 + 10
+
+
+def test_reward_map_score_hostile_numbers():
+    # Issue 11: "Number of Via Stops: 10000000" (and "three", "", "0.5") read as "no count", then
+    # as 0, which is exact (4 points) on a segment with no via stops. A count that does not parse
+    # earns nothing; one that parses scores as the number it is.
+    parsed = {"3": 3, "about 3 stops": 3, "3 (B, C, D)": 3, "**3**": 3, "0": 0, "007": 7,
+              "３": 3, "٣": 3, "٠": 0, "10000000": 10000000}          # Unicode decimal digits count
+    hostile = ["", "three", "zero", "none", "N/A", "-1", "−1", "-0", "+0", "0.5", "3.0", "0,0",
+               "1e9", "2 or 0", "0-1", "inf", "NaN", "²", "⁰", "1" * 20, "0" * 5000]
+    for text, count in list(parsed.items()) + [(t, None) for t in hostile]:
+        got = parse_route(_route(("Line 1", "A", "C"), extra=[f"Number of Via Stops: {text}"]))
+        assert got[0]["num_via_stops"] == count, (text, got[0]["num_via_stops"], count)
+    # The toy route A -C (Line 1, via B) - F (Line 2, no via stops), long1: endpoints +1, names and
+    # stops 4 + 4, counts 4 per exact segment, +20 when correct (cap 20 before it).
+    rec = _plan(template="long1")
+    segs = (("Line 1", "A", "C"), ("Line 2", "C", "F"))
+    def score(first, second):
+        return map_score(_route(*segs, extra=[f"Number of Via Stops: {first}",
+                                              f"Number of Via Stops: {second}"]), rec)
+    assert score("1", "0") == score("1", "٠") == score("１", "０") == 1 + 8 + 8 + 20
+    assert score("1", "5") == score("1", "10000000") == score("3", "0") == 1 + 8 + 4 + 20
+    for text in hostile:       # in either segment: never the points of a valid count
+        assert score("1", text) == 1 + 8 + 4 + 20, text
+        assert score(text, "0") == 1 + 8 + 4 + 20, text
+    assert map_score(_route(*segs, extra=["", ""]), rec) == 1 + 8 + 0 + 20       # no count at all
+    # long2: a missing or hostile via list gets no via points either (IoU 0, no hits)
+    rec2 = _plan(template="long2")
+    for text in hostile + ["10000000"]:
+        assert map_score(_route(*segs, extra=[f"Via Stops: {text}"] * 2), rec2) == 1 + 8 + 0 + 20
+    assert map_score(_route(*segs, extra=["Via Stops: B", "Via Stops: None"]), rec2) == \
+        1 + 8 + (10 + 1) / 2 + 20
+    # Alg. 1 (detail) and correctness read no via field: hostile numbers there change nothing
+    for text in hostile:
+        answer = _route(*segs, extra=[f"Number of Via Stops: {text}", f"Via Stops: {text}"])
+        assert _parts(compute_reward(answer, rec)) == _parts(compute_reward(_route(*segs), rec))
 
 
 # ---------------------------------------------------------------------------------------------
