@@ -25,6 +25,7 @@ _SPACES = re.compile(r"\s+")
 _STOP_SUFFIX = re.compile(r"(?:\s+station|\s*站)$")
 _LINE_PREFIX = re.compile(r"^(?:line|route)")
 _LINE_SUFFIX = re.compile(r"(?:line|号线|线)$")
+_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
 
 
 def _base(name):
@@ -44,8 +45,9 @@ def normalize_stop(name):
 
 @functools.lru_cache(maxsize=1 << 16)
 def normalize_line(name):
-    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'."""
-    text = _base(name).replace(" ", "")
+    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'. Digits that
+    punctuation or spaces separate stay apart: 'Line 1.0' -> '1.0', not Line 10's '10'."""
+    text = _DIGIT_GAP.sub(".", _base(name)).replace(" ", "")
     text = _LINE_PREFIX.sub("", text) or text
     return _LINE_SUFFIX.sub("", text) or text
 
