@@ -3,6 +3,7 @@
 #
 #     bash experiments.sh runs/exp            # data, 9 configs x 5 seeds, evals, table, plot (~30 min, 2 idle cores)
 #     SEEDS="0 1 2" JOBS=2 bash experiments.sh runs/exp      # fewer seeds / other parallelism
+#     CONFIGS="default advscale" bash experiments.sh runs/exp # only these configs (names below)
 #     python plot_experiments.py runs/exp --md docs/experiments_table.md --png docs/experiments.png
 #
 # Groups (paper: reward §4.2, curriculum §4.3, α Table 6, advantage §4.1):
@@ -19,6 +20,7 @@
 set -euo pipefail
 OUT=${1:?usage: bash experiments.sh OUT_DIR}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
+CONFIGS=${CONFIGS:-}
 JOBS=${JOBS:-2}
 cd "$(dirname "$0")"
 mkdir -p "$OUT"
@@ -29,10 +31,8 @@ TRAIN="--model tiny --lr 3e-3 --kl 0 --group-size 8 --batch-size 8 --micro-batch
  --max-new-tokens 32 --temperature 1.0 --weight-decay 0 --grad-clip 1.0 --clip-eps 0.2 --epochs 1"
 DEFAULT="--curriculum rewardmap --alpha 0.5"
 
-[ -f "$OUT/data/train.jsonl" ] || python data.py synth --out "$OUT/data" --cities 6 --seed 0 --per-type 16
-
 # name|flags: the ablated flag comes after the defaults, so argparse's last value wins.
-CONFIGS=(
+ALL_CONFIGS=(
   "default|"
   "fc|--no-detail --no-difficulty"
   "fc_detail|--no-difficulty"
@@ -43,13 +43,19 @@ CONFIGS=(
   "alpha0.7|--alpha 0.7"
   "advscale|--adv-scale"
 )
+NAMES=" ${ALL_CONFIGS[*]%%|*} "
+for name in $CONFIGS; do
+  [[ "$NAMES" == *" $name "* ]] || { echo "unknown config '$name'; known:$NAMES" >&2; exit 1; }
+done
+
+[ -f "$OUT/data/train.jsonl" ] || python data.py synth --out "$OUT/data" --cities 6 --seed 0 --per-type 16
 
 # On 2 shared cores two single-threaded runs side by side beat one two-threaded run by ~3x
 # (measured: 3 s/step each vs 11 s/step under load). model.init_distributed takes the thread
 # count from OMP_NUM_THREADS (since a8d446d), before that from cpu_count // LOCAL_WORLD_SIZE; both
 # are set so either pins one thread (a plain python run: WORLD_SIZE unset, nothing distributed).
+# One thread also under JOBS=1, so the numbers do not depend on JOBS (nor on the core count).
 THREADS_ENV="OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LOCAL_WORLD_SIZE=$(nproc)"
-[ "$JOBS" -gt 1 ] || THREADS_ENV=""
 
 run_one() {   # run_one NAME SEED FLAGS...
   local name=$1 seed=$2; shift 2
@@ -79,7 +85,8 @@ fi
 # Seeds outermost: a sweep cut short still has every config at the seeds it reached.
 start=$(date +%s)
 for seed in $SEEDS; do
-  for c in "${CONFIGS[@]}"; do
+  for c in "${ALL_CONFIGS[@]}"; do
+    [ -z "$CONFIGS" ] || [[ " $CONFIGS " == *" ${c%%|*} "* ]] || continue
     echo "${c%%|*} $seed ${c#*|}"
   done
 done | xargs -P "$JOBS" -d '\n' -n 1 bash -c 'run_one $1' _   # $1 unquoted: split into name seed flags

@@ -17,24 +17,47 @@ reward r_i (reward.py), then
 with ε = 0.2, β = 1e-3, G = 8 (§5.1). Every token of o_i shares its response's advantage Â_i.
 The loss minimised here is −J. Where the code goes beyond those equations:
 
-  1. Std scaling (`group_advantages(scale=True)`). The authors' release (EasyR1/verl GRPO) uses
-     Â_i = (r_i − mean) / (std + eps) with the unbiased std, as DeepSeekMath's GRPO does. Kept
-     as an option, not the default: RewardMap's difficulty weight w (reward.py) multiplies every
-     reward of a group by the same number, r_i = w·x_i, so mean and std both scale by w and the
-     scaled advantage is (x_i − mean x)/(std x + eps/w): w cancels (up to eps). The
-     difficulty-aware design only changes the update with the paper's centred form, where
-     Â_i = w·(x_i − mean x). Tested in test_all.py (test_grpo_weight_cancels_...).
+"The release" below is fscdc/RewardMap as its README runs it, `bash scripts/reward_map.sh`: that
+script overrides scripts/reward_map.yaml, and both configure its verl fork. It differs from the
+paper (and from us) in ways beyond this file too: 4 samples per question (`worker.rollout.n=4`;
+the yaml and the paper say 8) and an entropy bonus, loss −= 1e-3 · token-mean entropy
+(verl/workers/actor/config.py `entropy_coeff = 1e-3`, set by neither file; applied in
+verl/workers/actor/dp_actor.py). Neither the paper nor this file has an entropy term.
+
+  1. Std scaling (`group_advantages(scale=True)`). The release (verl/trainer/core_algos.py,
+     compute_grpo_outcome_advantage) uses Â_i = (r_i − mean) / (std + eps) with the unbiased
+     std, as DeepSeekMath's GRPO does. Kept as an option, not the default: RewardMap's
+     difficulty weight w (reward.py) multiplies every reward of a group by the same number,
+     r_i = w·x_i, so mean and std both scale by w and the scaled advantage is
+     (x_i − mean x)/(std x + eps/w): w cancels (up to eps). The difficulty-aware design only
+     changes the update with the paper's centred form, where Â_i = w·(x_i − mean x). Tested in
+     test_all.py (test_grpo_weight_cancels_...).
+     Exactness: the group mean and std are taken in float64 from the rewards rounded to float32.
+     A sum of K equal float32 values is exact in float64, so an all-equal group gets mean = its
+     value, std = 0 and Â = 0 exactly, alone or in any batch. In float32 the mean of eight
+     rewards of 19.2 is one rounding step off, the std is then ~2e-6, the order of eps, and each
+     sample got +0.63 alone and +1.9 among 60 groups (the float32 reduction differs with the
+     batch's shape). The release
+     has the same flaw: it takes mean and std of a float32 tensor (rewards are float32,
+     verl/workers/reward/custom.py), so with the yaml's 8 samples eight planning rewards of
+     1.7·(10 + 0.5·2) = 18.7 get +0.63 each; with the launch script's 4 samples none of its
+     reward values trips it on CPU (measured with torch 2.13, every W·(10·acc + 0.5·detail) for
+     detail −100..10). No threshold on the std: a near-equal group's Â goes continuously to 0.
   2. KL estimator. D_KL is estimated per token with Schulman's k3,
      exp(ref − logp) − (ref − logp) − 1 (unbiased, always ≥ 0; verl/EasyR1 "low_var_kl"), in
      fp32 with the log-ratio clamped to ±20 so a token the reference finds impossible cannot
      overflow to inf. The release clamps the k3 value itself to ±10 instead; we clamp the
-     log-ratio, which keeps the estimator exact in the range that matters. The release also
-     uses kl_loss_coef 5e-3 (scripts/reward_map.yaml) where the paper says 1e-3; we default to
-     the paper.
+     log-ratio, which keeps the estimator exact in the range that matters. Coefficient: the
+     paper says 1e-3 (our default); the release's launch script sets kl_loss_coef 1e-2
+     (scripts/reward_map.sh, `worker.actor.kl_loss_coef=1.0e-2`), overriding the yaml's 5e-3.
   3. Aggregation. `aggregation="token"` (default) is the token-mean written above: every
      response token in the batch weighs the same (DAPO's token-level loss; what DESIGN.md §4
-     and the release use). `aggregation="sequence"` is the original GRPO (DeepSeekMath) form
-     1/G Σ_i 1/|o_i| Σ_t, which gives a long response's tokens less weight each. Under DDP each
+     fixes). `aggregation="sequence"` is the original GRPO (DeepSeekMath) form
+     1/G Σ_i 1/|o_i| Σ_t, which gives a long response's tokens less weight each. It is what the
+     release computes in effect: its launch script sets a micro-batch of one response
+     (`micro_batch_size_per_device_for_update=1`), dp_actor.py takes the token-mean of each
+     micro-batch (policy, KL and entropy terms alike) and divides by the number of micro-batches,
+     and FSDP averages over GPUs: a mean of per-response means. Under DDP each
      rank computes its own mean and DDP averages the gradients; pass `num_tokens` (e.g. the
      all-reduced token count / world size, or the token count of all micro-batches when
      accumulating) to make the token-mean exact across ranks and micro-batches.
@@ -63,8 +86,11 @@ def group_advantages(rewards, group_size, scale=False, eps=1e-6):
     Returns a float32 tensor of the same length. §4.1: Â_i = r_i − mean(group) (scale=False,
     the paper). scale=True divides by the group's unbiased std + eps (the release; see note 1
     in the module docstring: it cancels the difficulty weight). A group whose rewards are all
-    equal gets zeros either way: no learning signal (that share is train.py's zero_std_frac).
+    equal gets exactly 0 either way: no learning signal (that share is train.py's zero_std_frac).
     A group of one has no spread; its std is taken as 0 (torch would give NaN).
+    Statistics in float64 from the float32-rounded rewards, so "exactly" holds for every group
+    size, order of summation and batch (note 1). No threshold on the std: as a group's spread s
+    shrinks to 0, |Â| ≤ s / eps goes to 0 continuously.
     """
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
@@ -75,12 +101,13 @@ def group_advantages(rewards, group_size, scale=False, eps=1e-6):
         raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
     if not torch.isfinite(r).all():
         raise ValueError("rewards contain NaN or inf")
-    g = r.view(-1, group_size)
-    adv = g - g.mean(dim=1, keepdim=True)
+    g = r.double().view(-1, group_size)
+    # sum / K, not torch's mean: a mean kernel may multiply by a rounded 1/K (CUDA does).
+    adv = g - g.sum(dim=1, keepdim=True) / group_size
     if scale:
-        std = g.std(dim=1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(g[:, :1])
-        adv = adv / (std + eps)
-    return adv.reshape(-1)
+        var = adv.square().sum(dim=1, keepdim=True) / max(group_size - 1, 1)   # unbiased
+        adv = adv / (var.sqrt() + eps)
+    return adv.float().reshape(-1)
 
 
 def kl_k3(logp, ref_logp):

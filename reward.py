@@ -25,6 +25,7 @@ _SPACES = re.compile(r"\s+")
 _STOP_SUFFIX = re.compile(r"(?:\s+station|\s*站)$")
 _LINE_PREFIX = re.compile(r"^(?:line|route)")
 _LINE_SUFFIX = re.compile(r"(?:line|号线|线)$")
+_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
 
 
 def _base(name):
@@ -44,8 +45,9 @@ def normalize_stop(name):
 
 @functools.lru_cache(maxsize=1 << 16)
 def normalize_line(name):
-    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'."""
-    text = _base(name).replace(" ", "")
+    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'. Digits that
+    punctuation or spaces separate stay apart: 'Line 1.0' -> '1.0', not Line 10's '10'."""
+    text = _DIGIT_GAP.sub(".", _base(name)).replace(" ", "")
     text = _LINE_PREFIX.sub("", text) or text
     return _LINE_SUFFIX.sub("", text) or text
 
@@ -284,7 +286,7 @@ _FIELD = {"r": 0, "d": 1, "a": 2, "n": 4, "v": 3}     # by first letter of the l
 _VALUE_STRIP = " \t\r\f\v*`"
 _VIA_SPLIT = re.compile(r"[,，、;；]")
 _NO_VIA = {"none", "n/a", "na", "-", "—", "nil"}
-_DIGITS = re.compile(r"\d+")
+_NUMBER = re.compile(r"[-−+]?\d+(?:[.,]\d+)*")   # "3", "-3", "3.5", "1,024": one number each
 
 
 def _sections(response):
@@ -309,6 +311,7 @@ def _sections(response):
 
 
 def _via_list(text):
+    """Via stop names, [] for "None"; None when the field is missing (map_score: no via credit)."""
     if text is None:
         return None
     items = [s.strip(_VALUE_STRIP + ".") for s in _VIA_SPLIT.split(text)]
@@ -316,10 +319,16 @@ def _via_list(text):
 
 
 def _via_count(text):
-    if text is None:
+    """The count in "Number of Via Stops: 3" ("about 3 stops", "3 (A, B, C)", "**3**" too), or
+    None when it does not parse: missing, no digits ("three"), negative, not an integer ("3.5"),
+    two numbers ("2 or 3"), over 9 digits. Unicode decimal digits count ("３", "٣" = 3).
+    The release (ReasonMap main.py) takes the first digit run and reads no digits as 0."""
+    if text is None or len(text) > MAX_NAME:
         return None
-    m = _DIGITS.search(text)
-    return int(m.group()) if m and len(m.group()) <= 6 else None
+    numbers = _NUMBER.findall(_PARENS.sub(" ", text))
+    if len(numbers) != 1 or not numbers[0].isdigit() or len(numbers[0]) > 9:
+        return None
+    return int(numbers[0])
 
 
 def parse_route(response):
@@ -520,7 +529,7 @@ def _plus_reason(box, answer, expected):
 #   against each reference route, if both endpoints are right: +1, then per aligned segment
 #   (zip with the reference) +2 route name, +1 departure, +1 arrival; the long templates add
 #     long1 "Number of Via Stops": per segment 4 if exact else max(0, 4 - 4·|err|/ref) (0 when
-#       ref = 0), capped at 10;
+#       ref = 0), capped at 10; a count that does not parse (_via_count) earns 0;
 #     long2 "Via Stops": (10·IoU + min(10, hits)) / 2, where hits counts answered via stops in the
 #       aligned reference segment and IoU pools the via stops of segments whose line is right;
 #   cap 10 (short) / 20 (long); +10 / +20 when the route is correct; best over reference routes.
@@ -529,7 +538,10 @@ def _plus_reason(box, answer, expected):
 # Data names); via stops are scored in every city (the release only where names end in "站");
 # hits count each distinct stop once per segment (the release counts repeats, so listing one stop
 # ten times scored 10); the release's arrival-stop typo (it tests the departure's suffix) is not
-# copied. Template comes from record["template"] (None -> short).
+# copied; a via count with no digits scores nothing (the release reads it as 0, which is exact, 4
+# points, when the reference segment has no via stops) and "-3", "3.5" or "2 or 3" do not parse
+# (the release takes the first digit run: 3, 3, 2). Template comes from record["template"]
+# (None -> short).
 
 def map_score_max(record):
     """Best possible map score: 20 for the short template, 40 for the long ones."""
@@ -562,6 +574,17 @@ def _reference(record):
         raise ValueError(f"record {record.get('id', '?')!r}: a reference segment lacks {e}") from None
 
 
+def _count_points(count, want):
+    """long1, one segment: 4 if the count is exact, else max(0, 4 − 4·|err|/want), 0 when want = 0.
+    A count that did not parse (None) earns 0 whatever the reference, never the points of a 0."""
+    if count is None:
+        return 0.0
+    err = abs(count - want)
+    if err == 0:
+        return 4.0
+    return max(0.0, 4.0 - 4.0 * err / want) if want else 0.0
+
+
 def map_score(response, record):
     """RM Alg. 2 map score of a planning response (0 .. map_score_max(record))."""
     if _type(record) != "planning":
@@ -578,7 +601,7 @@ def map_score(response, record):
     if template == "long2":
         vias = [frozenset(_stop_key(v) for v in _via_list(sec[3]) or ()) for sec in sections]
     elif template == "long1":
-        counts = [_via_count(sec[4]) or 0 for sec in sections]
+        counts = [_via_count(sec[4]) for sec in sections]
     cap, bonus = (10.0, 10.0) if template == "short" else (20.0, 20.0)
     best = 0.0
     for reference in references:
@@ -589,9 +612,7 @@ def map_score(response, record):
             for i, ((line, dep, arr), ref) in enumerate(zip(keys, reference)):
                 score += 2.0 * (line == ref[0]) + (dep == ref[1]) + (arr == ref[2])
                 if template == "long1":
-                    err, want = abs(counts[i] - ref[4]), ref[4]
-                    count_score += 4.0 if err == 0 else (max(0.0, 4.0 - 4.0 * err / want)
-                                                         if want else 0.0)
+                    count_score += _count_points(counts[i], ref[4])
                 elif template == "long2":
                     hits += len(vias[i] & ref[3])
                     if line == ref[0]:

@@ -21,9 +21,13 @@ surrogate's gradient is still the policy gradient Â·∇log π (grpo.py module 
 
 Defaults. With a real --model path the paper's §5.1 settings apply (lr 1e-6, KL 1e-3, K=8, 16
 questions per global step, α=0.5, curriculum rewardmap, 2048 new tokens, AdamW weight decay 1e-2,
-grad clip 1.0, temperature 1.0, one pass over the data). With --model tiny (no arguments at all:
-the README quick start) the CPU settings below apply instead: a random 1.2 M-parameter model
-needs a large learning rate, short answers and no KL to learn anything in minutes.
+grad clip 1.0, temperature 1.0, one pass over the data). The release's launch script
+(scripts/reward_map.sh) differs from the paper: KL 1e-2 (scripts/reward_map.yaml: 5e-3), K=4
+(yaml: 8), a micro-batch of one response (so a per-response loss mean, not our token-mean), and
+verl's default entropy bonus 1e-3; grpo.py's module notes give each with its file.
+With --model tiny (no arguments at all: the README quick start) the CPU settings below apply
+instead: a random 1.2 M-parameter model needs a large learning rate, short answers and no KL to
+learn anything in minutes.
 
 Outputs in --out: config.json, metrics.jsonl (a line per step), step-N/ every --save-every steps
 (and on SIGTERM / SIGINT) and final/ (model + processor via save_pretrained, trainer_state.pt with
