@@ -86,6 +86,7 @@ Measured numbers, the comparison with TRL and the speed-ups they point to: docs/
 """
 import argparse
 import collections
+import dataclasses
 import functools
 import gc
 import json
@@ -579,9 +580,10 @@ def vs_trl(args):
 # Memory plan (--plan): one step of train.py per GPU, traced with fake tensors.
 
 GB = 1e9
-# In a fake trace, floating-point tensors of more than SMALL elements and any tensor of more than
-# SMALL_BYTES are fake: shape, dtype and strides, no data, no memory.
-SMALL, SMALL_BYTES = 1 << 16, 1 << 24
+# In a fake trace, a tensor of more than SMALL_BYTES is fake: shape, dtype and strides, no data, no
+# memory. Smaller ones made from real inputs stay real, so what the code reads from them (masks,
+# token counts: model.select, train.update) is what train.py would read.
+SMALL_BYTES = 1 << 24
 EMPTY = (torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
          torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default)
 PHASES = ("load", "rollout prefill", "rollout decode", "policy forward", "reference forward",
@@ -768,8 +770,7 @@ class MemoryTrace(TorchDispatchMode):
                 try:
                     with self.fake:
                         probe = func(*args, **kwargs)
-                    if any((t.is_floating_point() and t.numel() > SMALL) or
-                           t.numel() * t.element_size() > SMALL_BYTES
+                    if any(t.numel() * t.element_size() > SMALL_BYTES
                            for t in pytree.tree_leaves(probe) if isinstance(t, torch.Tensor)):
                         return probe
                 except Exception:   # no fake kernel (data-dependent output): real inputs run real
@@ -905,8 +906,9 @@ class PlannedRun:
                                      betas=(0.9, 0.999))
         trace.weight_storages = {id(st) for p in self.params for st in _storages(p)}
         self.question = _plan_question()
+        warm_up = self._rollout_for_update(self._encode((56, 56)), 1, targs.group_size)
         with trace:
-            self._update(*self._rollout_for_update(self._encode((56, 56)), 1, targs.group_size))
+            self._update(*warm_up)
         trace.reset()
 
     def _identify(self):
@@ -928,10 +930,13 @@ class PlannedRun:
 
     def _rollout_for_update(self, encoded, T, rows):
         """The Rollout train.update gets: `rows` samples that run to T tokens (the worst case:
-        no end-of-turn), but one that ends a token early, so the batch is padded as a real one."""
+        no end-of-turn), but one that ends a token early, so the batch is padded as a real one.
+        Built outside the trace, so its ids and masks are real whatever their size (inside it, a
+        large float tensor would come out fake, and the reads of it that train.update makes, as
+        train.py does, in model.select and for the token count, would answer 0); _update makes
+        the pixels fake and counts the rest as inputs."""
         (enc, has_image), k = encoded, self.targs.group_size
-        pixels = torch.zeros(enc["pixel_values"].shape)        # inside the trace: fake
-        self.trace.track([pixels])
+        pixels = torch.empty(enc["pixel_values"].shape, device="meta")   # the shape only
         rep = lambda t: t.repeat_interleave(k, dim=0)[:rows]
         completion = torch.full((rows, T), 100, dtype=torch.long)   # an ordinary token
         mask = torch.ones(rows, T)
@@ -947,6 +952,10 @@ class PlannedRun:
         return ro, torch.zeros(rows)
 
     def _update(self, rollout, advantages):
+        """train.update and train.optimizer_step, inside the trace (see _rollout_for_update)."""
+        rollout = dataclasses.replace(rollout, pixel_values=torch.zeros(rollout.pixel_values.shape))
+        self.trace.track([rollout.input_ids, rollout.attention_mask, rollout.mm_token_type_ids,
+                          rollout.completion_mask, rollout.pixel_values])
         phase = lambda name: self.trace.phase(UPDATE_PHASES[name])
         loss, _ = train.update(self.wrapped, self.policy, self.ref, rollout, advantages, self.targs,
                                self.gpus, "cpu", phase=phase)
@@ -993,11 +1002,12 @@ class PlannedRun:
         self.targs.micro_batch = micro_batch
         self.trace.reset()
         encoded = self._encode(image_size)
+        n = self.targs.batch_size // self.gpus * self.targs.group_size
+        for_update = self._rollout_for_update(encoded, T, min(n, 2 * micro_batch))
         with self.trace:
             if rollout:
                 self.rollout(encoded, T)
-            n = self.targs.batch_size // self.gpus * self.targs.group_size
-            self._update(*self._rollout_for_update(encoded, T, min(n, 2 * micro_batch)))
+            self._update(*for_update)
         peaks = dict(self.trace.peaks, load=self.loaded[0])
         snaps = dict(self.trace.snaps, load=self.loaded[1])
         return {name: (peaks[name], snaps[name]) for name in PHASES if name in peaks}
@@ -1309,10 +1319,21 @@ def readme_commands(path):
         if "--model" not in words:
             continue
         size = re.search(r"(\d+)B", words[words.index("--model") + 1])
-        nproc = next((int(w.split("=")[1]) for w in words if w.startswith("--nproc_per_node=")), 1)
+        launcher = words[:words.index("train.py")]
+        gpus = _torchrun_int(launcher, "--nproc_per_node") * _torchrun_int(launcher, "--nnodes")
         if size:
-            out.append((nproc, f"{size.group(1)}b".lower(), words[words.index("train.py") + 1:]))
+            out.append((gpus, f"{size.group(1)}b".lower(), words[words.index("train.py") + 1:]))
     return out
+
+
+def _torchrun_int(words, flag):
+    """torchrun's `flag N` or `flag=N` (an elastic `MIN:MAX` counts as MAX), else 1."""
+    for i, w in enumerate(words):
+        if w == flag and i + 1 < len(words):
+            return int(words[i + 1].split(":")[-1])
+        if w.startswith(flag + "="):
+            return int(w.split("=", 1)[1].split(":")[-1])
+    return 1
 
 
 def check_readme(args):

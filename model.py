@@ -495,17 +495,15 @@ def select(rollout, rows):
         has_image=[rollout.has_image[q] for q in qs], suppress_ids=rollout.suppress_ids)
 
 
-def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True,
-                   chunk_bytes=None):
+def token_logprobs(model, rollout, *, temperature=1.0, chunk_bytes=None):
     """Teacher-forced log p(completion token) under the sampling distribution: [B*K, T] float32.
 
     Same processing as generate(): logits / temperature, vision tokens masked out, M-RoPE positions
     from mm_token_type_ids (without it the model silently falls back to 1-D positions, DESIGN §7).
     Each question's image goes through the vision tower once and its features are shared by its K
     samples (mm_encoder_outputs), so gradients reach the vision tower once per image, not K times.
-    Positions past end-of-turn are 0 (mask them with rollout.completion_mask).
-    share_image_features=False repeats the pixels K times through the model's own forward instead
-    (needed under FSDP2, whose all-gather of the vision tower happens in the root forward).
+    Positions past end-of-turn are 0 (mask them with rollout.completion_mask). Under FSDP2 the
+    vision tower is its own unit (train.fsdp_units), so calling it here gathers its weights.
 
     Memory: the model runs without its output head and the head is applied here, to the completion
     tokens only, a chunk at a time, each chunk recomputed in backward (_head_logprobs). The full
@@ -520,13 +518,7 @@ def token_logprobs(model, rollout, *, temperature=1.0, share_image_features=True
                   logits_to_keep=rollout.completion_mask.shape[1] + 1)
     device = next(net.parameters()).device
     kwargs = {key: v.to(device) if torch.is_tensor(v) else v for key, v in kwargs.items()}
-    if rollout.pixel_values is not None and not share_image_features:
-        grid = rollout.image_grid_thw
-        patches = grid.prod(dim=1).tolist()
-        chunks = torch.split(rollout.pixel_values, patches)
-        kwargs["pixel_values"] = torch.cat([c for c in chunks for _ in range(k)]).to(device)
-        kwargs["image_grid_thw"] = grid.repeat_interleave(k, dim=0).to(device)
-    elif rollout.pixel_values is not None:
+    if rollout.pixel_values is not None:
         grid = rollout.image_grid_thw.to(device)
         feats = net.model.get_image_features(rollout.pixel_values.to(device, net.dtype), grid,
                                              return_dict=True)
