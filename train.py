@@ -3,7 +3,7 @@
     python train.py                                     # CPU quick start: tiny model, synthetic maps
     torchrun --standalone --nproc_per_node=N train.py --model tiny|PATH --data FILE.jsonl --out DIR
     torchrun ... train.py --model /models/Qwen2.5-VL-7B-Instruct --data train.jsonl --out runs/7b \
-        --bf16 --fsdp --grad-checkpointing                # 7B on 8x80 GB
+        --bf16 --fsdp --grad-checkpointing                # 3B or 7B on 8 GPUs (bench.py --plan)
     python train.py --resume runs/quickstart/step-20 --out runs/quickstart   # continue a run
     torchrun --max-restarts 3 ... train.py ... --save-every 20 --resume auto  # survive crashes and
         # preemption: SIGTERM / Ctrl-C finish the step and write step-N/ (README "Long runs")
