@@ -403,7 +403,7 @@ def planning_answers(n, seed=0):
                 records += [r for r in recs if r["type"] == "planning" and r["routes"]]
     else:
         source = "synthetic"
-        for i, difficulty in enumerate(data_mod.DIFFICULTIES * 3):
+        for i, difficulty in enumerate(reward.DIFFICULTIES * 3):
             metro, _ = data_mod.synth_city(random.Random(f"bench-{i}"), difficulty)
             recs = data_mod.make_questions(metro, city=f"s{i}", country="synthland",
                                            difficulty=data_mod.city_difficulty(metro),

@@ -18,7 +18,7 @@ Where this file departs from the paper or the authors' release (also listed in t
   retrieved verbatim on this machine; the texts below keep what the released parsers rely on
   (sections "Route Name: / Departure Stop: / Arrival Stop:" split by "--"; long1 adds
   "Number of Via Stops:", long2 "Via Stops:"; every Plus question asks for \\boxed{}), and the
-  wording is ours. Swap TEMPLATES for the released strings when they are at hand.
+  wording is ours. Swap PLUS_TEMPLATES for the released strings when they are at hand.
 - Counting1 answers are letters "A".."D" (the release stores 0..3 and maps them to letters in
   its SFT script); TorF answers are "yes"/"no" (the release stores 1/0).
 - Map difficulty of a real city is not in the Metro Data; city_difficulty() derives it from line
@@ -46,10 +46,8 @@ import warnings
 
 from PIL import Image, ImageDraw, ImageFont
 
-from reward import TYPES, normalize_stop, service_line   # the six question types (DESIGN.md §2)
+from reward import DIFFICULTIES, TEMPLATE_NAMES, TYPES, normalize_stop, service_line
 
-DIFFICULTIES = ("easy", "middle", "hard")
-TEMPLATES_PLANNING = ("short", "long1", "long2")
 # RM §3: the test cities of the paper; every other city trains.
 TEST_CITIES = ("auckland", "los_angeles", "miami", "lisboa", "geneva", "beijing", "hangzhou",
                "budapest", "singapore", "rome", "toronto")
@@ -58,10 +56,10 @@ TRANSFER_MARKERS = (" (Transfer Station)", "（换乘站）")
 # Image budgets in pixels; Qwen2.5-VL spends one image token per 28x28 px (14 px patches, 2x2
 # merge). The paper fed maps at Qwen2.5-VL's processor default, PAPER_MAX_PIXELS (16384 tokens;
 # the 17 maps here give 576-16,356 image tokens there, median 13,225). Our default for real models
-# is MAX_PIXELS (<= 1280 tokens): a deviation, declared in the README with the memory and prompt
+# is DEFAULT_MAX_PIXELS (<= 1280 tokens): a deviation, declared in the README with the memory and prompt
 # length each budget costs (bench.py --plan); train.py --max-pixels sets either. load_image keeps
 # the aspect ratio; the processor rounds to multiples of 28 itself.
-MAX_PIXELS = 1280 * 28 * 28
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 PAPER_MAX_PIXELS = 16384 * 28 * 28
 HARD_PIXEL_CAP = 400_000_000  # refuse anything larger outright (the largest real map is 278 M)
 SEGMENT_KEYS = ("route_name", "departure_stop", "arrival_stop", "via_stops")
@@ -317,7 +315,7 @@ def _route_cost(route):
 # Questions (RewardMap App. A.2; ReasonMap App. A.1). Wording is ours; see the module docstring.
 
 _BOX = "Put your final answer in \\boxed{{}}."
-TEMPLATES = {
+PLUS_TEMPLATES = {
     "TorF1": "Look at the transit map of {city}. Are {s1} and {s2} on the same line? "
              "Answer yes or no. " + _BOX,
     "TorF2": "Look at the transit map of {city}. Is {s1} a stop of {line}? Answer yes or no. " + _BOX,
@@ -332,7 +330,7 @@ TEMPLATES = {
 _PLAN_HEAD = ("Look at the transit map of {city}. Plan a metro route from {s1} to {s2} with the "
               "fewest transfers. Give one section per line you ride, in this format, and separate "
               "sections with a line containing only --:\n")
-TEMPLATES_PLAN = {
+PLANNING_TEMPLATES = {
     "short": _PLAN_HEAD + "Route Name: <line>\nDeparture Stop: <stop>\nArrival Stop: <stop>\n--\n"
              "Route Name: <line>\nDeparture Stop: <stop>\nArrival Stop: <stop>",
     "long1": _PLAN_HEAD + "Route Name: <line>\nDeparture Stop: <stop>\nArrival Stop: <stop>\n"
@@ -345,7 +343,7 @@ TEMPLATES_PLAN = {
 
 
 def format_route(route, template=None):
-    """A route (list of segments) in the answer format of TEMPLATES_PLAN[template]: sections of
+    """A route (list of segments) in the answer format of PLANNING_TEMPLATES[template]: sections of
     Route Name / Departure Stop / Arrival Stop (+ Number of Via Stops for long1, Via Stops for
     long2), separated by "--" (RM App. A.1)."""
     parts = []
@@ -452,7 +450,7 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
         return make
     for i, (_, a, b) in enumerate(_balanced(rng, per_type, torf1(True), torf1(False), 50)):
         same = bool(set(lines_of[a]) & set(lines_of[b]))
-        q = TEMPLATES["TorF1"].format(city=title, s1=disp[a], s2=disp[b])
+        q = PLUS_TEMPLATES["TorF1"].format(city=title, s1=disp[a], s2=disp[b])
         out.append(_record("TorF1", i, q, "yes" if same else "no", s1=disp[a], s2=disp[b], **common))
 
     # TorF2: is s1 on line x?
@@ -469,7 +467,7 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
             return ((a, line), a, line)
         return make
     for i, (_, a, line) in enumerate(_balanced(rng, per_type, torf2(True), torf2(False), 50)):
-        q = TEMPLATES["TorF2"].format(city=title, s1=disp[a], line=line)
+        q = PLUS_TEMPLATES["TorF2"].format(city=title, s1=disp[a], line=line)
         ans = "yes" if line in lines_of[a] else "no"
         out.append(_record("TorF2", i, q, ans, s1=disp[a], line=line, **common))
 
@@ -494,7 +492,7 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
         rng.shuffle(options)
         letter = "ABCD"[options.index(n)]
         a, b = (names[i], names[j]) if rng.random() < 0.5 else (names[j], names[i])
-        q = TEMPLATES["Counting1"].format(city=title, s1=disp[a], s2=disp[b], line=line,
+        q = PLUS_TEMPLATES["Counting1"].format(city=title, s1=disp[a], s2=disp[b], line=line,
                                           o0=options[0], o1=options[1], o2=options[2], o3=options[3])
         out.append(_record("Counting1", made, q, letter, s1=disp[a], s2=disp[b], line=line,
                            options=options, **common))
@@ -510,11 +508,11 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
             break
         chosen.append(rng.choice(rest))
     for i, a in enumerate(chosen):
-        q = TEMPLATES["Counting2"].format(city=title, s1=disp[a])
+        q = PLUS_TEMPLATES["Counting2"].format(city=title, s1=disp[a])
         out.append(_record("Counting2", i, q, len(lines_of[a]), s1=disp[a], **common))
 
     # Counting3: lines on the map, one question per map
-    out.append(_record("Counting3", 0, TEMPLATES["Counting3"].format(city=title), len(metro), **common))
+    out.append(_record("Counting3", 0, PLUS_TEMPLATES["Counting3"].format(city=title), len(metro), **common))
 
     # planning (RM §3): pairs mixing 0 / 1 / >= 2 transfers, up to 3 optimal reference routes
     buckets, seen = {0: [], 1: [], 2: []}, set()
@@ -539,8 +537,8 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
     picked = [x for k in (0, 1, 2) for x in buckets[k]]
     offset = rng.randrange(3)
     for i, (a, b, routes) in enumerate(picked):
-        template = TEMPLATES_PLANNING[(i + offset) % 3]
-        q = TEMPLATES_PLAN[template].format(city=title, s1=disp[a], s2=disp[b])
+        template = TEMPLATE_NAMES[(i + offset) % 3]
+        q = PLANNING_TEMPLATES[template].format(city=title, s1=disp[a], s2=disp[b])
         out.append(_record("planning", i, q, None, s1=disp[a], s2=disp[b],
                            qtc=transfer_count(routes[0]), routes=routes, template=template, **common))
     return out
@@ -851,8 +849,8 @@ def _check_record(r, base, figure_ok):
     if t == "planning":
         if a is not None:
             return f"planning answer must be null, got {a!r}"
-        if r["template"] not in TEMPLATES_PLANNING:
-            return f"planning template must be one of {TEMPLATES_PLANNING}, got {r['template']!r}"
+        if r["template"] not in TEMPLATE_NAMES:
+            return f"planning template must be one of {TEMPLATE_NAMES}, got {r['template']!r}"
         if not _is_int(r["question_transfer_count"]) or r["question_transfer_count"] < 0:
             return "planning needs question_transfer_count, a non-negative integer"
         routes = r["routes"]
@@ -975,7 +973,7 @@ def scaled_size(w, h, max_pixels):
     return max(1, int(w * scale)), max(1, int(h * scale))
 
 
-def load_image(path, max_pixels=MAX_PIXELS):
+def load_image(path, max_pixels=DEFAULT_MAX_PIXELS):
     """Open any map (RGB, RGBA, palette, grey; up to HARD_PIXEL_CAP pixels) as an RGB image of at
     most max_pixels pixels, aspect ratio kept. Transparency is flattened onto white.
 
@@ -1630,7 +1628,7 @@ def release_report(summary):
     lines = [f"{summary['source']} ({summary['format']}) -> {summary['path']}: "
              f"{summary['rows']} rows, {len(recs)} records",
              "  " + "  ".join(f"{t}={by_type[t]}" for t in TYPES if by_type[t])
-             + (" (" + " ".join(f"{t}={templates[t]}" for t in TEMPLATES_PLANNING if templates[t])
+             + (" (" + " ".join(f"{t}={templates[t]}" for t in TEMPLATE_NAMES if templates[t])
                 + ")" if templates else "")]
     lines += [x for x in (_release_lines(summary, "lost"), _release_lines(summary, "notes")) if x]
     if summary["unused_columns"]:

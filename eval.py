@@ -40,17 +40,14 @@ import os
 import sys
 
 import report as report_mod
+import data as data_mod
 import reward
 
 PLUS_COUNT = ("Counting1", "Counting2", "Counting3")
 PLUS_TORF = ("TorF1", "TorF2")
 PLUS_TYPES, TYPES = reward.PLUS_TYPES, reward.TYPES
-DIFFICULTIES = ("easy", "middle", "hard")
+DIFFICULTIES = reward.DIFFICULTIES
 TRANSFER_BUCKETS = ("0", "1", ">=2")
-# Qwen2.5-VL's own default (qwen_vl_utils MAX_PIXELS = 16384 * 28 * 28), what ReasonMap's
-# evaluation fed the model. Real maps (up to 278 M pixels) are downscaled to this when read, so a
-# map is never decoded at full size per question; the processor then applies its own limit.
-MAX_PIXELS = 12845056
 # (name, compute_reward keywords, part) for --density. "correctness" alone is the sparse outcome
 # reward; the format point is the paper's R_format (the release has none); then + detail (Alg. 1)
 # and + the difficulty weight (§4.2).
@@ -341,7 +338,6 @@ def read_answers(path, data=None):
     """Saved answers; a line without its record takes it from --data by id (crafted answers)."""
     by_id = {}
     if data:
-        import data as data_mod
         by_id = {r["id"]: r for r in data_mod.load_records(data)}
     rows = []
     with open(path, encoding="utf-8") as f:
@@ -424,7 +420,6 @@ def write_html(args, report, rows):
 def data_figure(record, source):
     if not record.get("figure"):
         return None
-    import data as data_mod
     return data_mod.figure_path(record, source) if source else record["figure"]
 
 
@@ -452,7 +447,6 @@ def run_model(args):
     import torch.distributed as dist
     from tqdm import tqdm
 
-    import data as data_mod
     import model as model_mod
 
     rank, world, device = model_mod.init_distributed()
@@ -476,7 +470,7 @@ def run_model(args):
         for _, rec in batch:
             path = data_mod.figure_path(rec, args.data)
             if path != image_path:  # sorted by map: each map is read once per rank
-                image, image_path = data_mod.load_image(path, args.max_pixels or MAX_PIXELS), path
+                image, image_path = data_mod.load_image(path, args.max_pixels or data_mod.PAPER_MAX_PIXELS), path
             images.append(image)
         with torch.no_grad():
             out = model_mod.generate(model, processor, [r["question"] for _, r in batch], images,
@@ -514,7 +508,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help=f"image pixel budget (default: the processor's own; maps are read at <= {MAX_PIXELS})")
+                   help=f"image pixel budget (default: the processor's own; maps are read at <= {data_mod.PAPER_MAX_PIXELS})")
     p.add_argument("--density", type=int, default=0, metavar="K",
                    help="sample K answers per question (temperature 1.0): reward-density report")
     p.add_argument("--seed", type=int, default=0)

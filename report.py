@@ -37,7 +37,7 @@ THUMB_SIDE = 480                # map thumbnails: at most THUMB_SIDE² pixels, a
 # (metrics.jsonl key, chart title, True for a share in [0, 1]: drawn on a fixed 0..1 axis)
 CURVES = (("reward", "reward (total, mean over samples)", False), ("format", "format", True),
           ("accuracy", "accuracy", True), ("zero_std_frac", "zero_std_frac: groups with no signal", True))
-DIFFICULTIES = ("easy", "middle", "hard")
+DIFFICULTIES = reward.DIFFICULTIES
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,8 @@ BETA_TRANSFER = 0.5                                     # §4.2 β for routes wi
 PLUS_EVAL_WEIGHT = {"easy": 1.0, "middle": 1.5, "hard": 2.0}   # App. C.1, ReasonMap-Plus
 LEVEL = {"easy": 0, "middle": 1, "hard": 2}             # RM §B.3, m
 CORRECT = 10.0                                          # the released code's scale
-TEMPLATES = ("short", "long1", "long2")  # long1 asks "Number of Via Stops: N", long2 "Via Stops: ..."
+DIFFICULTIES = ("easy", "middle", "hard")  # map difficulty (difficulty_city)
+TEMPLATE_NAMES = ("short", "long1", "long2")  # long1 asks "Number of Via Stops: N", long2 "Via Stops: ..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,9 +552,9 @@ def map_score_max(record):
 def _template(record):
     template = record.get("template") if isinstance(record, dict) else None
     template = template or "short"
-    if template not in TEMPLATES:
+    if template not in TEMPLATE_NAMES:
         raise ValueError(f"record {record.get('id', '?')!r}: template {template!r} is not one of "
-                         f"{TEMPLATES}")
+                         f"{TEMPLATE_NAMES}")
     return template
 
 

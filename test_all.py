@@ -383,9 +383,9 @@ def test_data_load_image_real_kl_278M():
     root = need_reasonmap()
     path = os.path.join(root, "maps", "malaysia", "kl.png")
     t = time.time()
-    im = data.load_image(path, data.MAX_PIXELS)
+    im = data.load_image(path, data.DEFAULT_MAX_PIXELS)
     print(f"    kl.png 14032x19843 -> {im.size} in {time.time() - t:.1f}s")
-    assert im.mode == "RGB" and im.size[0] * im.size[1] <= data.MAX_PIXELS
+    assert im.mode == "RGB" and im.size[0] * im.size[1] <= data.DEFAULT_MAX_PIXELS
     assert abs(im.size[0] / im.size[1] - 14032 / 19843) < 0.01
     assert Image.MAX_IMAGE_PIXELS == 89478485
 

@@ -61,7 +61,7 @@ import reward
 # §5.1 (and the release for what the paper does not state).
 # micro_batch (samples per forward/backward) is ours: the largest that bench.py --plan fits on 80 GB.
 PAPER = dict(lr=1e-6, kl=1e-3, group_size=8, batch_size=16, max_new_tokens=2048,
-             weight_decay=1e-2, epochs=1, micro_batch=4, max_pixels=data_mod.MAX_PIXELS, log_samples=0)
+             weight_decay=1e-2, epochs=1, micro_batch=4, max_pixels=data_mod.DEFAULT_MAX_PIXELS, log_samples=0)
 # CPU quick start with --model tiny: 8 questions x 8 samples a step, 32 new tokens, lr 3e-3 (a
 # random tiny model moves nowhere at 1e-6), no KL (no reference model, no second forward), one
 # pass over 6 cities x 16 questions per type (38 steps). A second pass at this lr collapses: the
@@ -86,7 +86,7 @@ def parse_args(argv=None):
     p.add_argument("--synth-per-type", type=int, default=QUICK_PER_TYPE, help="questions per type per city")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="image budget in pixels, 28x28 px per image token: maps are read and processed "
-                        f"at most this big (default {data_mod.MAX_PIXELS:,} for a real model; the "
+                        f"at most this big (default {data_mod.DEFAULT_MAX_PIXELS:,} for a real model; the "
                         f"paper's Qwen2.5-VL processor budget is {data_mod.PAPER_MAX_PIXELS:,}; "
                         "README: what each costs)")
     # algorithm (the paper's ablations)
