@@ -9,7 +9,7 @@ epoch_batches(); to print the plan a data file gives:
 
 §4.3 orders the RL data from easy, dense-reward tasks to the sparse-reward route planning:
 global stages in a fixed order, and a random order inside each stage ("local stochasticity").
-The modes (DESIGN.md §5; `fine` and `coarse` are the §5 ablations, `none` the RL baseline):
+The modes (`fine` and `coarse` are the ablations of §5, Table 5; `none` the RL baseline):
 
     rewardmap  [TorF1, TorF2] -> [Counting2, Counting3] -> [Counting1] -> [planning]   (release order)
     fine       TorF1 -> TorF2 -> Counting3 -> Counting2 -> Counting1 -> planning
@@ -17,30 +17,16 @@ The modes (DESIGN.md §5; `fine` and `coarse` are the §5 ablations, `none` the 
     none       one stage holding everything, shuffled
     reverse    rewardmap backwards: planning first
 
-Where this goes beyond the paper or the authors' release (verl/utils/rl_dataset.py):
-  1. The release shuffles with Python's global `random` (seeded elsewhere, if at all); here each
-     stage has its own `random.Random` seeded from (seed, stage), so the order is reproducible
-     and identical on every rank without any communication.
-  2. The release takes one pass (`total_episodes: 1`). For several epochs, epoch e uses
-     schedule(records, mode, seed + e): same stage order, a fresh shuffle inside each stage
-     (torch's DistributedSampler.set_epoch convention; (seed=0, epoch=1) and (seed=1, epoch=0)
-     therefore give the same order).
-  3. Global batches are consecutive slices of that order, as the release's unshuffled
-     dataloader (`shuffle: false`, rollout_batch_size 16) cuts them, so a batch may straddle a
-     stage boundary. Its logged stage is the stage most of its questions belong to (ties: the
-     earlier stage).
-  4. The last partial batch (r = n mod B questions) is kept, not dropped, and split among the
-     ranks like every other batch, so each question is trained exactly once per epoch. Only if
-     r < world_size would some rank get nothing (and DDP's per-step all-reduce would hang);
-     then those ranks are given the first questions of the epoch's order again (the only
-     repeats, at most world_size − 1 per epoch). Per-rank shares of that last step may differ
-     by one question; DDP still averages the ranks' gradients equally.
+Beyond the paper (docs/deviations.md, "Curriculum"): each stage shuffles with its own seeded RNG,
+so every rank computes the same order without communication; epoch e uses seed + e; global
+batches are consecutive slices of the order and may straddle a stage boundary (as the release's);
+the last partial batch is kept and split among the ranks.
 """
 import json
 import random
 import sys
 
-from reward import PLUS_TYPES, TYPES   # the six question types (DESIGN.md §2); no torch there
+from reward import PLUS_TYPES, TYPES   # the six question types (§3); reward imports no torch
 
 _REWARDMAP = [["TorF1", "TorF2"], ["Counting2", "Counting3"], ["Counting1"], ["planning"]]
 MODES = {
@@ -119,7 +105,7 @@ def epoch_batches(records, *, mode="rewardmap", seed=0, epoch=0, batch_size=16, 
     steps = []
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        if len(batch) < world_size:  # note 4: pad so no rank is left without a question
+        if len(batch) < world_size:  # pad so no rank is left without a question (docs/deviations.md)
             batch = batch + [order[i % len(order)] for i in range(world_size - len(batch))]
         ks = [stage_of(r["type"], mode) for r in batch]
         label = stage_label(max(sorted(set(ks)), key=ks.count), mode)  # majority, ties -> earlier

@@ -13,7 +13,7 @@ shown as text. What is embedded is capped (questions per type, characters per an
 page says so.
 
 Imports reward and data only (no torch): train.py (rank 0, at the end of a run) and eval.py
-(--html) both render through here, and nothing imports train or eval (DESIGN.md §1).
+(--html) both render through here; nothing here imports train or eval.
 
 samples.jsonl (train.py --log-samples N) holds one line per logged group, made by group():
     {"step", "stage", "id", "type", "question", "gold", "figure", "difficulty_city",
@@ -37,7 +37,6 @@ THUMB_SIDE = 480                # map thumbnails: at most THUMB_SIDE² pixels, a
 # (metrics.jsonl key, chart title, True for a share in [0, 1]: drawn on a fixed 0..1 axis)
 CURVES = (("reward", "reward (total, mean over samples)", False), ("format", "format", True),
           ("accuracy", "accuracy", True), ("zero_std_frac", "zero_std_frac: groups with no signal", True))
-DIFFICULTIES = reward.DIFFICULTIES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +256,7 @@ def _accuracy(groups, what):
         for key in ((g["type"], g.get("difficulty_city")), (g["type"], "all"), ("all", "all"),
                     ("all", g.get("difficulty_city"))):
             cells.setdefault(key, []).append(share)
-    cols = [d for d in DIFFICULTIES if ("all", d) in cells] + ["all"]
+    cols = [d for d in reward.DIFFICULTIES if ("all", d) in cells] + ["all"]
     rows = []
     for t in [t for t in reward.TYPES if (t, "all") in cells] + ["all"]:
         rows.append([t] + [f"{_pct(_mean(cells[t, d]))} ({len(cells[t, d])})" if (t, d) in cells
