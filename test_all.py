@@ -2230,12 +2230,12 @@ def test_qwen_folder_layout_config_and_tokenizer():
     assert v["out_hidden_size"] == cfg["hidden_size"]
     assert cfg["rope_scaling"]["type"] == "mrope"
     assert sum(cfg["rope_scaling"]["mrope_section"]) == cfg["hidden_size"] // cfg["num_attention_heads"] // 2
-    big = qwen_folder.qwen_config("3b", {n.strip("<|>"): i for n, i in
-                                         dict(QWEN_IDS, **{"<|vision_pad|>": 151654, "<|video_pad|>": 151656}).items()})
-    assert {k: big[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                "num_attention_heads", "num_key_value_heads", "vocab_size")} == \
-        {k: bench.QWEN_SHAPES["3b"][k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                 "num_attention_heads", "num_key_value_heads", "vocab_size")}
+    with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+        big = qwen_folder.qwen_config("3b", qwen_folder._token_ids(json.load(f)))
+    shapes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+    assert [big[k] for k in shapes] == [bench.QWEN_SHAPES["3b"][k] for k in shapes] == \
+        [2048, 11008, 36, 16, 2, 151936]
     assert big["rope_scaling"]["mrope_section"] == [16, 24, 24]
     assert big["vision_config"]["fullatt_block_indexes"] == [7, 15, 23, 31] and big["vision_config"]["depth"] == 32
     with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
@@ -2250,9 +2250,20 @@ def test_qwen_folder_layout_config_and_tokenizer():
     assert m.lm_head.weight.shape == (151936, cfg["hidden_size"])
     assert m.lm_head.weight.data_ptr() == m.model.language_model.embed_tokens.weight.data_ptr()
     assert m.generation_config.top_k == 1 and m.generation_config.eos_token_id == [151645, 151643]
+    # every tensor comes from the file under the release's key names (a key transformers failed
+    # to map would be initialised at random, with only a log line)
+    from safetensors.torch import load_file
+    saved, loaded = load_file(os.path.join(path, "model.safetensors")), m.state_dict()
+    assert any(k.startswith("visual.blocks.") for k in saved) and "model.embed_tokens.weight" in saved
+    assert not any("language_model" in k or k.startswith("lm_head") for k in saved)
+    assert sorted(saved) == sorted(qwen_folder._checkpoint_key(k) for k in loaded if k != "lm_head.weight")
+    assert all(torch.equal(loaded[k], saved[qwen_folder._checkpoint_key(k)]) for k in loaded if k != "lm_head.weight")
+
+    def digest(folder):
+        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
     with tempfile.TemporaryDirectory() as d:
         qwen_folder.write_qwen_folder(d, seed=0)
-        digest = lambda q: hashlib.sha256(open(os.path.join(q, "model.safetensors"), "rb").read()).hexdigest()  # noqa: E731
         assert digest(d) == digest(path)
 
 

@@ -98,8 +98,9 @@ def tokenizer_source():
 
 def _token_ids(tokenizer_config):
     ids = {v["content"]: int(k) for k, v in tokenizer_config["added_tokens_decoder"].items()}
-    return {name: ids[f"<|{name}|>"] for name in
-            ("endoftext", "im_end", "vision_start", "vision_end", "vision_pad", "image_pad", "video_pad")}
+    names = ("endoftext", "im_end", "vision_start", "vision_end", "vision_pad", "image_pad",
+             "video_pad")
+    return {name: ids[f"<|{name}|>"] for name in names}
 
 
 def qwen_config(size, ids):
@@ -242,7 +243,10 @@ def main(argv=None):
                    help="cpu: reduced width and depth; 3b: Qwen2.5-VL-3B-Instruct's shapes")
     p.add_argument("--seed", type=int, default=0, help="random weights' seed")
     args = p.parse_args(argv)
-    print(write_qwen_folder(args.out, args.size, args.seed))
+    try:
+        print(write_qwen_folder(args.out, args.size, args.seed))
+    except RuntimeError as e:                      # the tokenizer package is absent
+        sys.exit(f"qwen_folder.py: {e}")
 
 
 if __name__ == "__main__":
