@@ -2986,7 +2986,7 @@ def test_report_html_matches_inputs_and_escapes_model_text():
 
 
 # =============================================================================================
-# plot_experiments.py — the ablation summary (issue 7) on hand-made run folders
+# tools/plot_experiments.py — the ablation summary (docs/experiments.md) on hand-made run folders
 # =============================================================================================
 
 def _exp_write_run(root, name, seed, rows, plus_torf):
@@ -3012,7 +3012,7 @@ def _exp_row(step, stage, reward, zsf, **extra):
 
 
 def test_experiments_summary_means_stages_and_spread():
-    import plot_experiments as pe
+    from tools import plot_experiments as pe
     with tempfile.TemporaryDirectory() as out:
         # seed 0: TorF stage zsf 0 and 0.5, planning stage zsf 1; seed 1: TorF 0.25, planning 0.5
         _exp_write_run(out, "default", 0, [_exp_row(1, "1:TorF1+TorF2", 2.0, 0.0, **{"acc/TorF1": 0.5}),
@@ -3039,6 +3039,24 @@ def test_experiments_summary_means_stages_and_spread():
         assert "| 0,1 | 1.75 ± 0.35 |" in line and "| 0.75 ± 0.35 |" in line   # reward, planning zsf
         assert "| 25.0 ± 35.4 |" in line                                          # eval TorF %
         assert "| – |" in next(l for l in text.splitlines() if l.startswith("| curriculum: none"))
+
+
+def test_experiments_plot_writes_png():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        skip("matplotlib is not installed (pip install matplotlib)")
+    from tools import plot_experiments as pe
+    with tempfile.TemporaryDirectory() as out:
+        for seed in (0, 1):
+            _exp_write_run(out, "default", seed, [_exp_row(1, "1:TorF1+TorF2", 1.0, 0.5),
+                                                  _exp_row(2, "2:planning", 2.0, 1.0)], 0.5)
+        _exp_write_run(out, "fc", 0, [_exp_row(1, "1:TorF1+TorF2", 0.5, 1.0),
+                                      _exp_row(2, "2:planning", 0.0, 1.0)], 0.0)
+        png = os.path.join(out, "experiments.png")
+        assert pe.plot(pe.load_runs(out), png) is True
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # =============================================================================================
