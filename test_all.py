@@ -2728,6 +2728,38 @@ def test_eval_compare_prints_deltas():
     assert "| RM Acc. S | – | – | – |" in text, text
 
 
+
+def test_eval_compare_paper_row_by_column_name():
+    """--compare ROW: the paper's Table 1 / Table 8 values beside a report, each column read from
+    the report key it names (distinct values, so a swapped column shows)."""
+    import eval as ev
+    assert [c for c, _, _ in ev.TABLE1] == ["RM Acc. S", "RM Acc. L", "RM Map S", "RM Map L",
+                                            "Plus Count", "Plus TorF", "Plus All"]
+    for _, _, values in ev.PAPER_TABLE1.values():
+        assert sorted(values) == sorted(c for c, _, _ in ev.TABLE1)
+    assert ev.PAPER_TABLE1["7b+rewardmap"][2]["Plus All"] == 74.25
+    assert ev.PAPER_TABLE1["3b+rewardmap"][2]["RM Acc. S"] == 19.36
+    report = {"weighted_accuracy": {"short": 0.10, "long": 0.20, "plus_count": 0.50,
+                                    "plus_torf": 0.60, "plus": 0.70},
+              "map_score": {"short": 3.0, "long": 4.0}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mine.json")
+        with open(path, "w") as f:
+            json.dump(report, f)
+        text = _eval_run(["--compare", "7b+RewardMap", path])
+        every = _eval_run(["--compare", "all", path])
+        _rescore(PLUS_CASES, tmp)   # writes crafted.jsonl
+        after = _eval_run(["--rescore", os.path.join(tmp, "crafted.jsonl"), "--out",
+                           os.path.join(tmp, "again.json"), "--compare", "3b"])
+    assert ("| Qwen2.5-VL-7B-Instruct + RewardMap (paper, Table 1) | 31.51 | 31.77 | 6.21 | 11.22 | "
+            "72.18 | 76.42 | 74.25 |") in text, text
+    assert "| mine.json | 10.00 | 20.00 | 3.00 | 4.00 | 50.00 | 60.00 | 70.00 |" in text, text
+    assert "| Δ (ours − paper) | -21.51 | -11.77 | -3.21 | -7.22 | -22.18 | -16.42 | -4.25 |" in text, text
+    assert every.count("(paper, ") == 4 and "Δ" not in every, every
+    assert "| Qwen2.5-VL-3B-Instruct (paper, Tables 1, 8) | 8.68 | 7.99 | 2.75 | 3.70 | 22.68 | 53.16 | 37.61 |" in after
+    assert "| again.json | – | – | – | – | 60.00 | 55.56 | 57.89 |" in after, after   # as the Table 1 row
+    assert "| Δ (ours − paper) | – | – | – | – | +37.32 | +2.40 | +20.28 |" in after, after
+
 def test_eval_density_metrics_by_hand():
     # Two planning groups of K = 4 on A->F (1 transfer, easy: W = 1.0 + 0.5) and one TorF group.
     # Alg. 1 detail: GOOD_AF 2+4+1 = 7, BAD_AF 2+4+1 = 7, "A->B on Line 1" 2+4 = 6,
