@@ -4,35 +4,29 @@
     torchrun --standalone --nproc_per_node=N eval.py --model DIR --data FILE.jsonl --out report.json
     python eval.py --rescore report.answers.jsonl --out report.json    # no model: re-score saved answers
     python eval.py --compare A.json B.json                             # two reports side by side
+    python eval.py --compare 7b+rewardmap report.json   # beside the paper's row: 3b, 3b+rewardmap, 7b, ..., all
+    python eval.py --rescore report.answers.jsonl --out report.json --compare all   # the same, just scored
     python eval.py --rescore report.answers.jsonl --run runs/x --html report.html   # HTML report
     python eval.py --model DIR --data FILE.jsonl --out density.json --density 8 --limit 64
 
 Greedy decoding, 2048 new tokens (§5.1). Every answer is written beside the report
-(`<out minus .json>.answers.jsonl`, one line per question with the record it answers), so a run can
-be inspected and re-scored after a fix to reward.py without the model. All parsing and scoring is
-reward.py's; this file only aggregates.
+(`<out minus .json>.answers.jsonl`, each line with the record it answers), so a run can be
+re-scored after a fix to reward.py without the model. All parsing and scoring is reward.py's.
 
-Metrics (report.json; fractions in [0, 1], the Markdown summary prints percentages):
+report.json (fractions in [0, 1]; the Markdown summary prints percentages):
 - accuracy[type]: plain accuracy per question type (correct = correctness > 0).
 - weighted_accuracy: ReasonMap-Plus (weight 1.0/1.5/2.0 by map difficulty, App. C.1) over all Plus
-  types, its Count and TorF split; ReasonMap planning (weight 1 + 0.5q + 0.5m, RM §B.3) for short
-  and long templates separately (long = long1 + long2).
-- map_score: ReasonMap-weighted mean map score (RM Alg. 2), short (max 20) and long (max 40), raw
-  points as ReasonMap's tables print them.
-- by_difficulty, by_transfers: the same split by map difficulty and by transfer count (0/1/>=2).
+  types, Count and TorF; ReasonMap planning (weight 1 + 0.5q + 0.5m, RM §B.3), short and long
+  templates (long = long1 + long2).
+- map_score: ReasonMap-weighted mean map score (RM Alg. 2), short (max 20) and long (max 40).
+- by_difficulty, by_transfers: the same split by map difficulty and by transfers (0/1/>=2).
+TABLE1 names the paper's seven Table 1 columns in these terms; PAPER_TABLE1 holds the paper's
+values for Qwen2.5-VL-3B/7B-Instruct with and without RewardMap (Tables 1 and 8). Where this
+differs from the released evaluator: docs/deviations.md.
 
-Where this differs from the released evaluation (ReasonMap main.py / main_plus.py): it asks every
-planning question twice, once per template; our records carry one template each (data.py), so the
-short and long columns are over different questions. The release weights are a TODO there
-(`weight = 1`); here they are the papers' formulas. Answer lines embed their record (metro
-included), so an answers file re-scores on its own at the cost of some disk.
-
-`--density K` samples K answers per question at temperature 1.0 and reports, per question type and
-reward mode, zero_std_frac (groups whose K rewards are all equal: no GRPO signal, §4.2's sparse
-reward problem) and mean |advantage| with the paper's centred advantage (§4.1).
-
-`--html OUT.html` renders the answers (with the model, or --rescore without it) and/or a train.py
-run folder (`--run DIR`: its curves and logged samples) as one self-contained page: report.py.
+`--density K` samples K answers per question at temperature 1.0 and reports, per type and reward
+mode, zero_std_frac (groups with no GRPO signal: §4.2's sparse reward) and mean |Â| (§4.1).
+`--html OUT.html` renders the answers and/or a train.py run (`--run DIR`) as one page (report.py).
 """
 import argparse
 import json
@@ -250,8 +244,46 @@ TABLE1 = (
 )
 
 
+# The paper's rows: percentages and map-score points as printed in Table 1 (7B; the 3B base model
+# too) and Table 8 (3B + RewardMap), arXiv 2510.02240 v2, keyed by the names TABLE1 gives those
+# columns (paper_markdown looks each value up by name; the paper prints Plus All before Count).
+PAPER_COLUMNS = ("RM Acc. S", "RM Acc. L", "RM Map S", "RM Map L", "Plus Count", "Plus TorF", "Plus All")
+PAPER_TABLE1 = {key: (model, table, dict(zip(PAPER_COLUMNS, values))) for key, model, table, values in (
+    ("3b", "Qwen2.5-VL-3B-Instruct", "Tables 1, 8", (8.68, 7.99, 2.75, 3.70, 22.68, 53.16, 37.61)),
+    ("3b+rewardmap", "Qwen2.5-VL-3B-Instruct + RewardMap", "Table 8",
+     (19.36, 15.89, 4.79, 7.53, 63.58, 68.34, 65.91)),
+    ("7b", "Qwen2.5-VL-7B-Instruct", "Table 1", (13.28, 7.12, 4.01, 5.74, 37.39, 51.32, 44.21)),
+    ("7b+rewardmap", "Qwen2.5-VL-7B-Instruct + RewardMap", "Table 1",
+     (31.51, 31.77, 6.21, 11.22, 72.18, 76.42, 74.25)),
+)}
+
+
 def _fmt(x, scale):
     return _pct(x) if scale == 100 else _num(x)
+
+
+def paper_rows(names):
+    """The PAPER_TABLE1 keys that --compare's arguments name ('all': every row), in table order."""
+    keys = [n.lower() for n in names]
+    return list(PAPER_TABLE1) if "all" in keys else [k for k in PAPER_TABLE1 if k in keys]
+
+
+def paper_markdown(rows, report=None, name="ours"):
+    """The paper's rows (PAPER_TABLE1 keys) in Table 1's columns, then a report's row, and for a
+    single paper row the difference (ours − paper, in the printed units)."""
+    cols = [c for c, _, _ in TABLE1]
+    lines = ["| Model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key in rows:
+        model, table, values = PAPER_TABLE1[key]
+        lines.append(f"| {model} (paper, {table}) | " + " | ".join(f"{values[c]:.2f}" for c in cols) + " |")
+    if report is not None:
+        ours = {c: (None if f(report) is None else s * f(report)) for c, f, s in TABLE1}
+        lines.append(f"| {name} | " + " | ".join(_num(ours[c]) for c in cols) + " |")
+        if len(rows) == 1:
+            paper = PAPER_TABLE1[rows[0]][2]
+            lines.append("| Δ (ours − paper) | " + " | ".join(
+                "–" if ours[c] is None else f"{ours[c] - paper[c]:+.2f}" for c in cols) + " |")
+    return "\n".join(lines)
 
 
 def markdown(report, name=None):
@@ -501,32 +533,56 @@ def run_model(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # What to evaluate
     p.add_argument("--model", help="local Qwen2.5-VL folder, a train.py checkpoint, or 'tiny'")
     p.add_argument("--data", help="records JSONL (data.py)")
     p.add_argument("--out", help="report.json; answers go to report.answers.jsonl beside it")
-    p.add_argument("--limit", type=int, default=0, help="first N records only")
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--limit", type=int, default=0, help="first N records only (default 0: all)")
+    # Decoding (§5.1: greedy, 2048 new tokens)
+    p.add_argument("--max-new-tokens", type=int, default=2048, help="default %(default)s, §5.1")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="questions per generate call (default %(default)s)")
     p.add_argument("--max-pixels", type=int, default=None,
-                   help=f"image pixel budget (default: the processor's own; maps are read at <= {data_mod.PAPER_MAX_PIXELS})")
+                   help="image pixel budget (default the processor's own: Qwen2.5-VL's "
+                        f"{data_mod.PAPER_MAX_PIXELS:,}, the paper's; the tiny model's own with --model tiny)")
     p.add_argument("--density", type=int, default=0, metavar="K",
                    help="sample K answers per question (temperature 1.0): reward-density report")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed for --density (default %(default)s)")
+    # No model: saved answers and reports
     p.add_argument("--rescore", metavar="ANSWERS", help="re-score saved answers; no model")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two reports side by side")
-    # the HTML report (report.py)
+    p.add_argument("--compare", nargs="+", metavar="A",
+                   help="A.json B.json: two reports side by side; ROW [REPORT.json]: a report (or the "
+                        "one --rescore / --model just made) beside the paper's Table 1 row ROW: "
+                        + ", ".join(PAPER_TABLE1) + " or all")
+    # The HTML report (report.py)
     p.add_argument("--html", metavar="OUT.html", help="write a self-contained HTML report")
     p.add_argument("--run", metavar="DIR", help="a train.py --out folder to include in --html")
     p.add_argument("--html-questions", type=int, default=report_mod.PER_TYPE, metavar="N",
-                   help="questions shown per type and source in --html")
+                   help="questions shown per type and source in --html (default %(default)s)")
     args = p.parse_args(argv)
 
-    if args.compare:
+    paper = paper_rows(args.compare or ())
+    others = [x for x in args.compare or () if x.lower() not in PAPER_TABLE1 and x.lower() != "all"]
+    if args.compare and not paper:
+        if len(args.compare) != 2:
+            p.error("--compare needs two reports, or a paper row (" + ", ".join(PAPER_TABLE1)
+                    + ", all) and at most one report")
         a, b = (load_report(x) for x in args.compare)
         names = [os.path.basename(x) for x in args.compare]
         if ("density" in a) != ("density" in b):
             p.error("--compare needs two evaluation reports or two --density reports")
         print((compare_density_markdown if "density" in a else compare_markdown)(a, b, *names))
+        return 0
+    if paper and (len(others) > 1 or (others and (args.rescore or args.model))):
+        p.error("--compare ROW takes one report: REPORT.json, or the one --rescore / --model makes")
+    if paper and not (others or args.rescore or args.model):
+        print(paper_markdown(paper))
+        return 0
+    if others:
+        report = load_report(others[0])
+        if "density" in report:
+            p.error(f"--compare {args.compare[0]}: {others[0]} is a --density report, not Table 1's")
+        print(paper_markdown(paper, report, os.path.basename(others[0])))
         return 0
     if args.density < 0 or args.density == 1:
         p.error("--density K needs K >= 2 (a group of one has no spread)")
@@ -556,6 +612,9 @@ def main(argv=None):
         print(f"\nwrote {args.out} and {answers_path(args.out)}")
     if args.html:
         print(f"wrote {write_html(args, report, rows)}")
+    if paper and report is not None:
+        print("\n" + ("--compare: a --density report has no Table 1 columns" if "density" in report
+                      else paper_markdown(paper, report, os.path.basename(args.out or args.rescore))))
     return 0
 
 

@@ -10,7 +10,7 @@ Used by train.py, eval.py and bench.py:
 
 Nothing here is fetched from the network and nothing uses trust_remote_code. Works without
 torchvision: Qwen2_5_VLProcessor needs a video processor (torchvision), so ImageProcessor below is an
-image-only subclass using Qwen2VLImageProcessorPil (DESIGN.md §7 traps).
+image-only subclass using Qwen2VLImageProcessorPil (docs/deviations.md, "Model and training loop").
 """
 import contextlib
 import os
@@ -66,7 +66,7 @@ class ImageProcessor(Qwen2_5_VLProcessor):
     """Qwen2_5_VLProcessor without the video slot (that slot needs torchvision).
 
     Must be registered with AutoProcessor, or AutoProcessor.from_pretrained silently returns only
-    the tokenizer (DESIGN.md §7).
+    the tokenizer.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
@@ -92,15 +92,15 @@ AutoProcessor.register(Qwen2_5_VLConfig, ImageProcessor, exist_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
-# The tiny model (DESIGN.md §7): random weights, tokenizer trained offline on a fixed corpus.
+# The tiny model: random weights, tokenizer trained offline on a fixed corpus.
 
 def _tiny_corpus():
     """A fixed, deterministic corpus for the tiny BPE tokenizer.
 
     The answer formats of every question type are in it many times, so BPE learns "\\boxed{yes}",
     "Route Name: " and the like as single tokens. A random tiny policy then emits a well-formed answer
-    now and then, which is what gives GRPO any signal at all (DESIGN.md §7, last trap: a strict
-    multi-token reward gives a random model nothing). Real Qwen has its own tokenizer; this choice
+    now and then, which is what gives GRPO any signal at all (a strict multi-token reward gives a
+    random model nothing). Real Qwen has its own tokenizer; this choice
     only shapes the CPU quick start.
     """
     answers = ["yes", "no", "A", "B", "C", "D"] + [str(i) for i in range(21)]
@@ -129,7 +129,7 @@ def build_tokenizer(vocab_size=640):
                                   show_progress=False)
     tok.train_from_iterator(_tiny_corpus(), trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
-    # padding_side is saved only when given to the constructor (DESIGN.md §7).
+    # padding_side is saved only when given to the constructor (transformers 5).
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left",
                                    eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE)
@@ -145,7 +145,7 @@ def build_tiny(seed=0):
         text_config=dict(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=384, num_hidden_layers=4,
             num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=8192,
-            # M-RoPE sections (t, h, w) must sum to head_dim / 2 = 16 (DESIGN.md §7).
+            # M-RoPE sections (t, h, w) must sum to head_dim / 2 = 16.
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "mrope_section": [4, 6, 6]},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -270,7 +270,7 @@ def autocast(device, bf16):
 
 def vision_touch(model):
     """0 · Σ vision parameters, to add to the loss of a micro-batch without images: keeps DDP in
-    step (DESIGN.md §7 trap: the unused vision tower would miss the all-reduce, and ranks diverge
+    step (the unused vision tower would miss the all-reduce, and ranks diverge
     or hang). 0.0 when the tower is frozen."""
     params = [p for p in _unwrap(model).model.visual.parameters() if p.requires_grad]
     return sum(p.sum() for p in params) * 0.0 if params else 0.0
@@ -296,7 +296,7 @@ class Rollout:
     num_samples: int
     input_ids: torch.Tensor         # [B*K, P+T] left-padded prompt + right-padded completion
     attention_mask: torch.Tensor    # [B*K, P+T]
-    mm_token_type_ids: torch.Tensor  # [B*K, P+T] 1 on image tokens (M-RoPE needs it, DESIGN §7)
+    mm_token_type_ids: torch.Tensor  # [B*K, P+T] 1 on image tokens (M-RoPE needs it)
     completion_mask: torch.Tensor   # [B*K, T] float, 1 up to and including end-of-turn
     prompt_len: int                 # P
     pixel_values: torch.Tensor = None   # one entry per question that has an image (not per sample)
@@ -400,9 +400,8 @@ def generate(model, processor, questions, images, *, num_samples=1, max_new_toke
     with_logprobs=True also keeps the sampler's own log-probs (rollout.sample_logprobs, [B*K, T]),
     what token_logprobs must reproduce (the agreement test).
 
-    Sampling is plain temperature sampling (temperature 1.0, top_k=0, top_p=1: the released code's
-    settings); the checkpoint's own generation_config (Qwen ships top_k=1, temperature 0.1,
-    repetition_penalty 1.05) is deliberately ignored. Vision special tokens are suppressed.
+    Deviation: plain temperature sampling (top_k=0, top_p=1) or plain greedy, the checkpoint's
+    generation_config ignored, vision special tokens suppressed (docs/deviations.md).
     """
     net = _unwrap(model)
     device = next(net.parameters()).device
@@ -499,7 +498,7 @@ def token_logprobs(model, rollout, *, temperature=1.0, chunk_bytes=None):
     """Teacher-forced log p(completion token) under the sampling distribution: [B*K, T] float32.
 
     Same processing as generate(): logits / temperature, vision tokens masked out, M-RoPE positions
-    from mm_token_type_ids (without it the model silently falls back to 1-D positions, DESIGN §7).
+    from mm_token_type_ids (without it the model silently falls back to 1-D positions).
     Each question's image goes through the vision tower once and its features are shared by its K
     samples (mm_encoder_outputs), so gradients reach the vision tower once per image, not K times.
     Positions past end-of-turn are 0 (mask them with rollout.completion_mask). Under FSDP2 the
@@ -508,7 +507,7 @@ def token_logprobs(model, rollout, *, temperature=1.0, chunk_bytes=None):
     Memory: the model runs without its output head and the head is applied here, to the completion
     tokens only, a chunk at a time, each chunk recomputed in backward (_head_logprobs). The full
     [B*K, T, V] logits (8 x 2,048 x 151,936 in fp32 = 10 GB, three such tensors with log-softmax and
-    its backward: the largest item of a GRPO step, DESIGN §8) never exist; chunk_bytes bounds one
+    its backward: the largest item of a GRPO step, docs/memory.md) never exist; chunk_bytes bounds one
     chunk's fp32 logits (default LOGPROB_CHUNK_BYTES).
     """
     net = _unwrap(model)

@@ -2437,6 +2437,31 @@ def _args(**kw):
     return a
 
 
+
+def test_train_help_shows_the_defaults_that_apply():
+    """--help names, for every setting resolved later, the value a real model gets (§5.1 where the
+    paper gives it) and the one --model tiny gets; parse_args resolves from the same dicts."""
+    import train
+    assert train.PAPER["lr"] == 1e-6 and train.PAPER["kl"] == 1e-3 and train.PAPER["group_size"] == 8
+    assert train.PAPER["batch_size"] == 16 and train.PAPER["max_new_tokens"] == 2048
+    assert train.defaults_help("lr") == "default 1e-6, §5.1; 3e-3 with --model tiny"
+    assert train.defaults_help("kl") == "default 1e-3, §5.1; 0 with --model tiny"
+    assert train.defaults_help("weight_decay") == "default 0.01, release; 0 with --model tiny"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        try:
+            train.parse_args(["--help"])
+        except SystemExit:
+            pass
+    text = "".join(buf.getvalue().split())   # however argparse wraps the lines
+    for key in train.PAPER:
+        assert "".join(train.defaults_help(key).split()) in text, (key, text)
+    real = train.parse_args(["--model", "/models/Qwen2.5-VL-3B-Instruct"])
+    tiny = train.parse_args([])
+    for key, value in train.PAPER.items():
+        assert getattr(real, key) == value, key
+        assert getattr(tiny, key) == train.QUICK.get(key), key
+
 def _step(rewards, *, wd, lr=1e-2):
     """One update of train.py on a fresh tiny model with hand-set rewards; (before, after, trainable)."""
     import torch
@@ -2561,8 +2586,9 @@ def test_train_nonfinite_loss_skips_step():
 
 
 def test_train_torchrun_two_ranks():
-    """torchrun, 2 CPU ranks (gloo), 8 steps; rank 1 gets no images (DESIGN §7 trap); parameters
-    end identical on both ranks, and final/ reloads and samples."""
+    """torchrun, 2 CPU ranks (gloo), 8 steps; rank 1 gets no images (an unused vision tower would
+    desync DDP: model.vision_touch); parameters end identical on both ranks, and final/ reloads and
+    samples."""
     import model
     with tempfile.TemporaryDirectory() as d:
         _run(SMALL + ["--out", d, "--max-steps", "8", "--text-only-rank", "1"], nproc=2)
@@ -2579,7 +2605,7 @@ def test_train_torchrun_two_ranks():
         assert len(ro.texts) == 2 and all(isinstance(t, str) for t in ro.texts)
 
 
-# Long runs: preemption, crashes, FSDP2, safe loading (train.py checkpoints; README "Long runs").
+# Long runs: preemption, crashes, FSDP2, safe loading (checkpoint.py; docs/long-runs.md).
 # Settings with a learning signal from step 1 (seed 1: groups of 4 that do not all tie), 4 steps.
 LONG = SMALL + ["--group-size", "4", "--max-new-tokens", "8", "--seed", "1", "--max-steps", "4"]
 _TIMING = ("time/", "tokens_per_s")
@@ -2614,13 +2640,13 @@ def test_train_longrun_sigterm_one_rank_then_sigkill_restart_match_uninterrupted
     from step-2 and finish. Parameters equal the uninterrupted run's bit for bit, and metrics.jsonl
     has each step once (step 3's first line dropped), with the same values."""
     import torch
-    import train
+    import checkpoint
     ref, ref_params = _ddp_reference()
     with tempfile.TemporaryDirectory() as d:
         r = _run(LONG + ["--out", d, "--save-every", "2", "--fault", "sigterm:1:1"], nproc=2)
         assert "stopped by a signal on another rank after step 1 of 4" in r.stdout, r.stdout
         assert "--resume auto" in r.stdout
-        assert train.checkpoint_problems(os.path.join(d, "step-1")) == []
+        assert checkpoint.checkpoint_problems(os.path.join(d, "step-1")) == []
         assert not os.path.exists(os.path.join(d, "final"))
         assert [row["step"] for row in _metrics(d)] == [1]
         r = _run(LONG + ["--out", d, "--save-every", "2", "--resume", "auto", "--fault", "sigkill:4:1"],
@@ -2670,13 +2696,14 @@ def _tiny_checkpoint(out, step, **kw):
     """save_checkpoint of a fresh tiny model after one optimiser step, in this process (1 rank)."""
     import torch
     import model
+    import checkpoint
     import train
     args = train.parse_args(["--out", out] + [x for k, v in kw.items() for x in (f"--{k}", str(v))])
     m, p = model.build_tiny()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     m(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     opt.step()
-    train.save_checkpoint(out, f"step-{step}", m, p, opt, step, args, 0, 1)
+    checkpoint.save_checkpoint(out, f"step-{step}", m, p, opt, step, args, 0, 1)
     return os.path.join(out, f"step-{step}")
 
 
@@ -2686,7 +2713,7 @@ def test_train_longrun_crash_while_saving_keeps_previous_checkpoint():
     a .old one, nor a partial step-N/ folder is ever picked; naming one explicitly is an error that
     says what is missing."""
     import shutil
-    import train
+    import checkpoint
     with tempfile.TemporaryDirectory() as d:
         _tiny_checkpoint(d, 2)
         try:
@@ -2708,25 +2735,25 @@ def test_train_longrun_crash_while_saving_keeps_previous_checkpoint():
             f.truncate(1000)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            assert train.find_checkpoint(d) == os.path.join(d, "step-2")
+            assert checkpoint.find_checkpoint(d) == os.path.join(d, "step-2")
         assert sum("skipping" in str(w.message) for w in caught) == 2
-        assert train.checkpoint_problems(os.path.join(d, "step-2")) == []
+        assert checkpoint.checkpoint_problems(os.path.join(d, "step-2")) == []
         for path, words in [(tmp, ["manifest.json", "rng_rank0.pt"]),
                             (os.path.join(d, "step-6"), ["rng_rank0.pt"]),
                             (os.path.join(d, "step-8"), ["model.safetensors (1000 bytes"])]:
-            _raises(lambda: train.find_checkpoint(path), "incomplete", *words)
+            _raises(lambda: checkpoint.find_checkpoint(path), "incomplete", *words)
         os.makedirs(os.path.join(d, "fresh"))
-        assert train.find_checkpoint(os.path.join(d, "fresh")) is None   # auto: a fresh start
+        assert checkpoint.find_checkpoint(os.path.join(d, "fresh")) is None   # auto: a fresh start
         # and the survivor loads: model, trainer state and RNG with the safe loader
         import model
         model.load(os.path.join(d, "step-2"))
-        assert train.safe_load(os.path.join(d, "step-2", "trainer_state.pt"))["step"] == 2
-        train.restore_rng(os.path.join(d, "step-2"), 0)
+        assert checkpoint.safe_load(os.path.join(d, "step-2", "trainer_state.pt"))["step"] == 2
+        checkpoint.restore_rng(os.path.join(d, "step-2"), 0)
         # resuming at step 2 keeps the logs' lines up to step 2, and drops a line cut short by a kill
         for name in ("metrics.jsonl", "samples.jsonl"):
             with open(os.path.join(d, name), "w") as f:
                 f.write('{"step": 1}\n{"step": 2, "i": 0}\n{"step": 2, "i": 1}\n{"step": 3}\n{"step": 2, "te')
-        train.trim_logs(d, 2)
+        checkpoint.trim_logs(d, 2)
         for name in ("metrics.jsonl", "samples.jsonl"):
             assert [json.loads(line) for line in open(os.path.join(d, name))] == \
                 [{"step": 1}, {"step": 2, "i": 0}, {"step": 2, "i": 1}]
@@ -2737,6 +2764,7 @@ def test_train_longrun_crafted_pickle_refused():
     create a file is refused with an error naming the file, and the file is never created."""
     import pathlib
     import torch
+    import checkpoint
     import train
 
     class Payload:
@@ -2758,8 +2786,8 @@ def test_train_longrun_crafted_pickle_refused():
         with open(os.path.join(ckpt, "manifest.json"), "w") as f:
             json.dump(manifest, f)
         args = train.parse_args(["--resume", ckpt, "--out", d])
-        _raises(lambda: train.resume_point(args, 0, 1), "trainer_state.pt", "refused")
-        _raises(lambda: train.restore_rng(ckpt, 0), "rng_rank0.pt", "refused")
+        _raises(lambda: checkpoint.resume_point(args, 0, 1), "trainer_state.pt", "refused")
+        _raises(lambda: checkpoint.restore_rng(ckpt, 0), "rng_rank0.pt", "refused")
         assert not os.path.exists(marker)
         torch.load(os.path.join(ckpt, "rng_rank0.pt"), weights_only=False)   # the payload is real
         assert os.path.exists(marker)
@@ -2984,6 +3012,38 @@ def test_eval_compare_prints_deltas():
     assert "| Acc. TorF2 | 0.00 | 100.00 | +100.00 |" in text, text
     assert "| RM Acc. S | – | – | – |" in text, text
 
+
+
+def test_eval_compare_paper_row_by_column_name():
+    """--compare ROW: the paper's Table 1 / Table 8 values beside a report, each column read from
+    the report key it names (distinct values, so a swapped column shows)."""
+    import eval as ev
+    assert [c for c, _, _ in ev.TABLE1] == ["RM Acc. S", "RM Acc. L", "RM Map S", "RM Map L",
+                                            "Plus Count", "Plus TorF", "Plus All"]
+    for _, _, values in ev.PAPER_TABLE1.values():
+        assert sorted(values) == sorted(c for c, _, _ in ev.TABLE1)
+    assert ev.PAPER_TABLE1["7b+rewardmap"][2]["Plus All"] == 74.25
+    assert ev.PAPER_TABLE1["3b+rewardmap"][2]["RM Acc. S"] == 19.36
+    report = {"weighted_accuracy": {"short": 0.10, "long": 0.20, "plus_count": 0.50,
+                                    "plus_torf": 0.60, "plus": 0.70},
+              "map_score": {"short": 3.0, "long": 4.0}}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mine.json")
+        with open(path, "w") as f:
+            json.dump(report, f)
+        text = _eval_run(["--compare", "7b+RewardMap", path])
+        every = _eval_run(["--compare", "all", path])
+        _rescore(PLUS_CASES, tmp)   # writes crafted.jsonl
+        after = _eval_run(["--rescore", os.path.join(tmp, "crafted.jsonl"), "--out",
+                           os.path.join(tmp, "again.json"), "--compare", "3b"])
+    assert ("| Qwen2.5-VL-7B-Instruct + RewardMap (paper, Table 1) | 31.51 | 31.77 | 6.21 | 11.22 | "
+            "72.18 | 76.42 | 74.25 |") in text, text
+    assert "| mine.json | 10.00 | 20.00 | 3.00 | 4.00 | 50.00 | 60.00 | 70.00 |" in text, text
+    assert "| Δ (ours − paper) | -21.51 | -11.77 | -3.21 | -7.22 | -22.18 | -16.42 | -4.25 |" in text, text
+    assert every.count("(paper, ") == 4 and "Δ" not in every, every
+    assert "| Qwen2.5-VL-3B-Instruct (paper, Tables 1, 8) | 8.68 | 7.99 | 2.75 | 3.70 | 22.68 | 53.16 | 37.61 |" in after
+    assert "| again.json | – | – | – | – | 60.00 | 55.56 | 57.89 |" in after, after   # as the Table 1 row
+    assert "| Δ (ours − paper) | – | – | – | – | +37.32 | +2.40 | +20.28 |" in after, after
 
 def test_eval_density_metrics_by_hand():
     # Two planning groups of K = 4 on A->F (1 transfer, easy: W = 1.0 + 0.5) and one TorF group.
@@ -3243,7 +3303,7 @@ def test_report_html_matches_inputs_and_escapes_model_text():
 
 
 # =============================================================================================
-# plot_experiments.py — the ablation summary (issue 7) on hand-made run folders
+# tools/plot_experiments.py — the ablation summary (docs/experiments.md) on hand-made run folders
 # =============================================================================================
 
 def _exp_write_run(root, name, seed, rows, plus_torf):
@@ -3269,7 +3329,7 @@ def _exp_row(step, stage, reward, zsf, **extra):
 
 
 def test_experiments_summary_means_stages_and_spread():
-    import plot_experiments as pe
+    from tools import plot_experiments as pe
     with tempfile.TemporaryDirectory() as out:
         # seed 0: TorF stage zsf 0 and 0.5, planning stage zsf 1; seed 1: TorF 0.25, planning 0.5
         _exp_write_run(out, "default", 0, [_exp_row(1, "1:TorF1+TorF2", 2.0, 0.0, **{"acc/TorF1": 0.5}),
@@ -3296,6 +3356,24 @@ def test_experiments_summary_means_stages_and_spread():
         assert "| 0,1 | 1.75 ± 0.35 |" in line and "| 0.75 ± 0.35 |" in line   # reward, planning zsf
         assert "| 25.0 ± 35.4 |" in line                                          # eval TorF %
         assert "| – |" in next(l for l in text.splitlines() if l.startswith("| curriculum: none"))
+
+
+def test_experiments_plot_writes_png():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        skip("matplotlib is not installed (pip install matplotlib)")
+    from tools import plot_experiments as pe
+    with tempfile.TemporaryDirectory() as out:
+        for seed in (0, 1):
+            _exp_write_run(out, "default", seed, [_exp_row(1, "1:TorF1+TorF2", 1.0, 0.5),
+                                                  _exp_row(2, "2:planning", 2.0, 1.0)], 0.5)
+        _exp_write_run(out, "fc", 0, [_exp_row(1, "1:TorF1+TorF2", 0.5, 1.0),
+                                      _exp_row(2, "2:planning", 0.0, 1.0)], 0.0)
+        png = os.path.join(out, "experiments.png")
+        assert pe.plot(pe.load_runs(out), png) is True
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 # =============================================================================================

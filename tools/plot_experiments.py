@@ -1,6 +1,7 @@
-"""Summary table and one plot for the ablation sweep of experiments.sh (issue 7).
+"""Summary table and one plot for the ablation sweep of tools/experiments.sh (§5.4 at laptop scale,
+docs/experiments.md).
 
-    python plot_experiments.py runs/exp --md runs/exp/table.md --png runs/exp/experiments.png
+    python tools/plot_experiments.py runs/exp --md runs/exp/table.md --png runs/exp/experiments.png
 
 Reads OUT/runs/<config>/seed<S>/{metrics.jsonl, eval.json, wall.json} (train.py, eval.py and
 experiments.sh write them) and OUT/runs/untrained/{eval,density}.json. Prints Markdown tables, mean ± sample
@@ -15,7 +16,10 @@ import os
 import statistics
 import sys
 
-TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3", "planning")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from reward import TYPES  # noqa: E402  (after the repository root is on the path)
+
 ORDER = ("default", "fc", "fc_detail", "none", "reverse", "coarse", "alpha0.3", "alpha0.7", "advscale")
 LABEL = {
     "default": "default: rewardmap, α 0.5, detail + difficulty, centred Â",
@@ -209,7 +213,7 @@ def plot(runs, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out", help="the folder experiments.sh wrote")
+    p.add_argument("out", help="the folder tools/experiments.sh wrote")
     p.add_argument("--md", help="write the tables here too")
     p.add_argument("--png", help="write the plot here")
     args = p.parse_args(argv)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# RewardMap's ablations at laptop scale (issue 7): the tiny random Qwen2.5-VL on synthetic maps.
+# RewardMap's ablations at laptop scale (§5.4, docs/experiments.md): the tiny random Qwen2.5-VL on
+# synthetic maps. Run from the repository root.
 #
-#     bash experiments.sh runs/exp            # data, 9 configs x 5 seeds, evals, table, plot (~30 min, 2 idle cores)
-#     SEEDS="0 1 2" JOBS=2 bash experiments.sh runs/exp      # fewer seeds / other parallelism
-#     CONFIGS="default advscale" bash experiments.sh runs/exp # only these configs (names below)
-#     python plot_experiments.py runs/exp --md docs/experiments_table.md --png docs/experiments.png
+#     bash tools/experiments.sh runs/exp      # data, 9 configs x 5 seeds, evals, table, plot (~30 min, 2 idle cores)
+#     SEEDS="0 1 2" JOBS=2 bash tools/experiments.sh runs/exp      # fewer seeds / other parallelism
+#     CONFIGS="default advscale" bash tools/experiments.sh runs/exp # only these configs (names below)
+#     python tools/plot_experiments.py runs/exp --md runs/exp/table.md --png docs/experiments.png
 #
 # Groups (paper: reward §4.2, curriculum §4.3, α Table 6, advantage §4.1):
 #   default   = rewardmap curriculum, α 0.5, detail reward, difficulty weight, centred advantage
@@ -18,11 +19,11 @@
 # --seed sets only its sampling and its within-stage shuffle (the tiny model's init is fixed).
 # Resumable: a run with final/ and eval.json is skipped, so re-running the script finishes a sweep.
 set -euo pipefail
-OUT=${1:?usage: bash experiments.sh OUT_DIR}
+OUT=${1:?usage: bash tools/experiments.sh OUT_DIR}
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 CONFIGS=${CONFIGS:-}
 JOBS=${JOBS:-2}
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."   # the repository root: OUT and every path below are relative to it
 mkdir -p "$OUT"
 git describe --always --dirty > "$OUT/commit.txt" 2>/dev/null || true   # the code the numbers came from
 
@@ -52,8 +53,8 @@ done
 
 # On 2 shared cores two single-threaded runs side by side beat one two-threaded run by ~3x
 # (measured: 3 s/step each vs 11 s/step under load). model.init_distributed takes the thread
-# count from OMP_NUM_THREADS (since a8d446d), before that from cpu_count // LOCAL_WORLD_SIZE; both
-# are set so either pins one thread (a plain python run: WORLD_SIZE unset, nothing distributed).
+# count from OMP_NUM_THREADS (older versions from cpu_count // LOCAL_WORLD_SIZE); both are set
+# so either pins one thread (a plain python run: WORLD_SIZE unset, nothing distributed).
 # One thread also under JOBS=1, so the numbers do not depend on JOBS (nor on the core count).
 THREADS_ENV="OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 LOCAL_WORLD_SIZE=$(nproc)"
 
@@ -98,4 +99,4 @@ echo "sweep: $(( $(date +%s) - start )) s wall" | tee "$OUT/sweep_time.txt"
     --data "$OUT/data/test.jsonl" --density 8 --out "$OUT/runs/untrained/density.json" \
     --max-new-tokens 32 > "$OUT/runs/untrained/density.log" 2>&1
 
-python plot_experiments.py "$OUT" --md "$OUT/table.md" --png "$OUT/experiments.png"
+python tools/plot_experiments.py "$OUT" --md "$OUT/table.md" --png "$OUT/experiments.png"
