@@ -3377,7 +3377,7 @@ def test_experiments_plot_writes_png():
 
 
 # =============================================================================================
-# Memory: micro-batches of samples, gradients freed after the step, bench.py --plan
+# Memory: micro-batches of samples, gradients freed after the step, tools/memplan.py
 # =============================================================================================
 
 def test_memory_micro_batches_of_samples_same_update_vision_once_each():
@@ -3450,11 +3450,11 @@ PLAN_SMALL = dict(vocab_size=16384, hidden_size=64, intermediate_size=128, num_h
 
 
 def _plan_trial(fsdp, fake, new_tokens=(8,)):
-    import bench
+    from tools import memplan
     import train
     argv = ["--model", "x", "--batch-size", "4", "--group-size", "2", "--micro-batch", "2",
             "--max-new-tokens", "8", "--bf16", "--grad-checkpointing"] + (["--fsdp"] if fsdp else [])
-    run = bench.PlannedRun(PLAN_SMALL, train.parse_args(argv), 2, fake=fake)
+    run = memplan.PlannedRun(PLAN_SMALL, train.parse_args(argv), 2, fake=fake)
     try:
         results = [(run.trial(t, 2, (112, 112)), dict(run.trace.reads)) for t in new_tokens]
         params = sum(p.numel() for p in run.policy.parameters())
@@ -3464,7 +3464,7 @@ def _plan_trial(fsdp, fake, new_tokens=(8,)):
 
 
 def test_memory_plan_fake_trace_equals_real_run_and_profiler():
-    """bench.py --plan's accounting on a small Qwen2.5-VL, rank 0 of 2 (fake process group), DDP
+    """tools/memplan.py's accounting on a small Qwen2.5-VL, rank 0 of 2 (fake process group), DDP
     and FSDP2, bf16, checkpointing, KL on: every phase's peak from fake tensors equals the same
     step run on real tensors within 5 % (measured: equal to the byte but for the load phase's
     garbage-collection timing), and the real run's peak equals what torch.profiler's allocator
@@ -3518,7 +3518,7 @@ def test_memory_plan_map_tokens_match_processor():
     """The plan's image tokens per map (file header -> data.scaled_size -> the processor's count)
     equal what data.load_image + model.encode give, at two budgets; maps are listed from --data."""
     import argparse
-    import bench
+    from tools import memplan
     import data
     import model
     _, processor = model.build_tiny()
@@ -3530,7 +3530,7 @@ def test_memory_plan_map_tokens_match_processor():
         for budget in (200 * 28 * 28, 40_000):
             model.set_max_pixels(processor, budget)
             args = argparse.Namespace(maps=d, train=argparse.Namespace(data=None, max_pixels=budget))
-            listed = bench.plan_maps(args, processor)
+            listed = memplan.plan_maps(args, processor)
             assert [os.path.basename(m[0]) for m in listed] == ["m0.png", "m1.png", "m2.png"]
             for path, size, read, tokens in listed:
                 im = data.load_image(path, budget)
@@ -3538,15 +3538,15 @@ def test_memory_plan_map_tokens_match_processor():
                 assert im.size == read and int(enc["image_grid_thw"].prod()) // 4 == tokens, path
             assert listed[0][3] > 0.8 * budget / 784 and listed[2][3] == 4       # 60x60: 2x2 cells
             args.train.data = jsonl
-            assert [os.path.basename(m[0]) for m in bench.plan_maps(args, processor)] == ["m0.png", "m2.png"]
+            assert [os.path.basename(m[0]) for m in memplan.plan_maps(args, processor)] == ["m0.png", "m2.png"]
 
 
 def test_memory_plan_readme_commands_parsed():
-    """bench.py --check-readme finds each `torchrun ... train.py --model .../<N>B...` command of a
+    """tools/memplan.py --check-readme finds each `torchrun ... train.py --model .../<N>B...` command of a
     README (continuation lines joined, comments dropped, CPU and eval commands left out), with its
     GPU count (processes per node x nodes) and train.py flags; and the plan's fit is exact on a
     quadratic."""
-    import bench
+    from tools import memplan
     text = ("```bash\ntorchrun --standalone --nproc_per_node=2 train.py --out runs/ddp   # CPU\n"
             "torchrun --standalone --nproc_per_node=8 train.py --model /m/Qwen2.5-VL-3B-Instruct \\\n"
             "    --data d.jsonl --out runs/3b --bf16 --fsdp   # FSDP2, 8 GPUs\n"
@@ -3556,13 +3556,38 @@ def test_memory_plan_readme_commands_parsed():
         path = os.path.join(d, "README.md")
         with open(path, "w") as f:
             f.write(text)
-        found = bench.readme_commands(path)
+        found = memplan.readme_commands(path)
     assert found == [(8, "3b", ["--model", "/m/Qwen2.5-VL-3B-Instruct", "--data", "d.jsonl", "--out",
                                 "runs/3b", "--bf16", "--fsdp"]),
                      (16, "7b", ["--model", "/m/Qwen2.5-VL-7B-Instruct", "--fsdp"])], found
-    a, b, c = bench._fit_quadratic([(512, 3 * 512 ** 2 + 7 * 512 + 11), (1024, 3 * 1024 ** 2 + 7 * 1024 + 11),
+    a, b, c = memplan._fit_quadratic([(512, 3 * 512 ** 2 + 7 * 512 + 11), (1024, 3 * 1024 ** 2 + 7 * 1024 + 11),
                                     (2048, 3 * 2048 ** 2 + 7 * 2048 + 11)])
     assert abs(a - 3) < 1e-9 and abs(b - 7) < 1e-6 and abs(c - 11) < 1e-3
+
+
+def test_memory_plan_check_readme_reads_readme_and_docs():
+    """tools/memplan.py --check-readme plans the GPU commands of README.md and of every docs/*.md,
+    each once (another --out or a missing --data file is the same command), naming the files it
+    came from; a line that only mentions torchrun and train.py in prose or a table is not one."""
+    from tools import memplan
+    cmd = "torchrun --standalone --nproc_per_node=8 train.py --model /m/Qwen2.5-VL-{}B-Instruct {}\n"
+    with tempfile.TemporaryDirectory() as d:
+        os.makedirs(os.path.join(d, "docs"))
+        with open(os.path.join(d, "README.md"), "w") as f:
+            f.write("```bash\n" + cmd.format(3, "--bf16 --out runs/a") + "```\n")
+        with open(os.path.join(d, "docs", "x.md"), "w") as f:
+            f.write("| `train.py` | the `torchrun` loop with --model |\nThe paper's torchrun train.py --model 7B run.\n"
+                    "```bash\n" + cmd.format(7, "--fsdp --data /no/such.jsonl")
+                    + "OMP_NUM_THREADS=1 " + cmd.format(3, "--bf16 --out runs/b") + "```\n")
+        with open(os.path.join(d, "docs", "notes.txt"), "w") as f:
+            f.write(cmd.format(7, "--kl 0"))
+        found = memplan.doc_commands(d)
+        assert found == [(8, "3b", ["--model", "/m/Qwen2.5-VL-3B-Instruct", "--bf16", "--out", "runs/a"],
+                          ["README.md", os.path.join("docs", "x.md")]),
+                         (8, "7b", ["--model", "/m/Qwen2.5-VL-7B-Instruct", "--fsdp", "--data", "/no/such.jsonl"],
+                          [os.path.join("docs", "x.md")])], found
+        assert memplan.doc_commands(os.path.join(d, "docs", "x.md"))[0][3] == ["x.md"]
+        assert memplan.parse_args(["--check-readme", d]).check_readme == d
 
 
 # =============================================================================================
