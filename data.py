@@ -1,52 +1,32 @@
 """The data engine: metro graphs, the route oracle, the six question types, synthetic maps, JSONL I/O.
 
-RewardMap §3 (ReasonMap-Plus: TorF1, TorF2, Counting1-3) and ReasonMap §3 (route planning), on
-ReasonMap's own Metro Data format ({line: [stop, ...]}, markers such as " (Transfer Station)").
+RewardMap §3 and App. A (ReasonMap-Plus: TorF1, TorF2, Counting1-3, one function each with its
+App. A.2 template) and ReasonMap RM §3 (route planning), on ReasonMap's own Metro Data format
+({line: [stop, ...]}, markers such as " (Transfer Station)"). Optimal route: fewest transfers,
+then fewest stops, on the name graph (a stop name shared by two lines joins them, as the official
+evaluation assumes); questions the name graph cannot settle are not asked (ambiguous_stops).
 
     python data.py synth --out data/synth --cities 6 --seed 0       # seconds; README quick start
     python data.py real --stations ../shared/reasonmap/stations \\
                         --maps ../shared/reasonmap/maps --out data/real   # paper's city split
-    python data.py release data/ReasonMap-Plus data/ReasonMap --maps RewardMap/maps \\
-                           --stations ReasonMap/stations --out data/release   # the authors' files
 
-synth and real write OUT/train.jsonl and OUT/test.jsonl, release OUT/<name>.jsonl per released
-file and split (one record per line, DESIGN.md §2); train.py and eval.py read them with
-load_records(). No torch, no model code; release alone needs pyarrow (an optional extra).
-
-Where this file departs from the paper or the authors' release (also listed in the README):
-- Question wording. ReasonMap-Plus App. A.2 and ReasonMap App. A.1 templates could not be
-  retrieved verbatim on this machine; the texts below keep what the released parsers rely on
-  (sections "Route Name: / Departure Stop: / Arrival Stop:" split by "--"; long1 adds
-  "Number of Via Stops:", long2 "Via Stops:"; every Plus question asks for \\boxed{}), and the
-  wording is ours. Swap PLUS_TEMPLATES for the released strings when they are at hand.
-- Counting1 answers are letters "A".."D" (the release stores 0..3 and maps them to letters in
-  its SFT script); TorF answers are "yes"/"no" (the release stores 1/0).
-- Map difficulty of a real city is not in the Metro Data; city_difficulty() derives it from line
-  and transfer-station counts (thresholds documented there).
-- `release` rewrites ReasonMap's reference routes in Metro Data names (reward.service_line; the
-  release's evaluator maps service names per city at scoring time), takes via stops a service
-  omits from the Metro Data ride, keeps at most 3 plans (DESIGN.md §2), and gives planning rows
-  that carry no routes (ReasonMap-Train) the route oracle's.
-- Questions that the name graph cannot settle are not generated (DESIGN.md §2): stops whose name
-  sits on several lines without a transfer marker (New York's several "125 St"), stops listed
-  twice on one line, and Counting1 on loop lines (two directions, two answers).
+Both write OUT/train.jsonl and OUT/test.jsonl, one record per line (fields named as in the
+ReasonMap-Plus release); train.py and eval.py read them with load_records(). The authors' released
+files become the same records with tools/release.py. No torch, no model code.
+Where this departs from the paper or the release: docs/deviations.md, "Data".
 """
 import argparse
-import base64
-import collections
 import dataclasses
 import heapq
 import json
 import math
 import os
 import random
-import re
-import sys
 import warnings
 
 from PIL import Image, ImageDraw, ImageFont
 
-from reward import DIFFICULTIES, TEMPLATE_NAMES, TYPES, normalize_stop, service_line
+from reward import DIFFICULTIES, TEMPLATE_NAMES, TYPES, normalize_stop
 
 # RM §3: the test cities of the paper; every other city trains.
 TEST_CITIES = ("auckland", "los_angeles", "miami", "lisboa", "geneva", "beijing", "hangzhou",
@@ -56,9 +36,10 @@ TRANSFER_MARKERS = (" (Transfer Station)", "（换乘站）")
 # Image budgets in pixels; Qwen2.5-VL spends one image token per 28x28 px (14 px patches, 2x2
 # merge). The paper fed maps at Qwen2.5-VL's processor default, PAPER_MAX_PIXELS (16384 tokens;
 # the 17 maps here give 576-16,356 image tokens there, median 13,225). Our default for real models
-# is DEFAULT_MAX_PIXELS (<= 1280 tokens): a deviation, declared in the README with the memory and prompt
-# length each budget costs (bench.py --plan); train.py --max-pixels sets either. load_image keeps
-# the aspect ratio; the processor rounds to multiples of 28 itself.
+# is DEFAULT_MAX_PIXELS (<= 1280 tokens); train.py --max-pixels sets either (the memory and prompt
+# length each costs: docs/memory.md). load_image keeps the aspect ratio; the processor rounds to
+# multiples of 28 itself.
+# Deviation: a smaller image budget than the paper's by default (docs/deviations.md).
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 PAPER_MAX_PIXELS = 16384 * 28 * 28
 HARD_PIXEL_CAP = 400_000_000  # refuse anything larger outright (the largest real map is 278 M)
@@ -78,7 +59,7 @@ def clean_name(raw):
     return raw.strip()
 
 
-def _check_metro(metro, where="metro"):
+def check_metro(metro, where="metro"):
     if not isinstance(metro, dict) or not metro:
         raise ValueError(f"{where}: expected a non-empty object {{line: [stop, ...]}}")
     for line, stops in metro.items():
@@ -98,7 +79,7 @@ def load_metro_raw(path):
             raw = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON ({e})") from None
-    _check_metro(raw, path)
+    check_metro(raw, path)
     return raw
 
 
@@ -110,7 +91,7 @@ def load_metro(path):
 def ambiguous_stops(raw_metro):
     """Normalised names on several lines with no transfer marker anywhere: on the name graph they
     join lines, in the city they may be different stations (NY's "125 St" on 1, 2/3, A/B/C/D, 4/5/6),
-    so no question asks about them and no reference route transfers at them (DESIGN.md §2)."""
+    so no question asks about them and no reference route transfers at them."""
     lines_of, marked, shown = {}, set(), {}
     for line, stops in raw_metro.items():
         for s in stops:
@@ -136,7 +117,7 @@ def lines_through(metro, stop):
     return [line for line, stops in metro.items() if n in {normalize_stop(s) for s in stops}]
 
 
-def _ride(metro, line, s1, s2):
+def ride(metro, line, s1, s2):
     """Intermediate stops (as written in `metro`) riding `line` from s1 to s2: the fewest, if a
     loop or a repeated name gives a choice. ValueError if the line is unknown or does not serve
     both stops."""
@@ -169,7 +150,7 @@ def _ride(metro, line, s1, s2):
 def stops_between(metro, line, s1, s2):
     """Intermediate stops between s1 and s2 riding `line` (fewest, if a loop or a repeated name
     gives a choice). ValueError if the line is unknown or does not serve both stops."""
-    return len(_ride(metro, line, s1, s2))
+    return len(ride(metro, line, s1, s2))
 
 
 def city_difficulty(metro):
@@ -179,7 +160,7 @@ def city_difficulty(metro):
     On the 30 ReasonMap cities this gives easy = 10 (sydney, miami, changzhou, huhehaote, dubai,
     toronto, guiyang, jinan, rome, auckland), hard = 6 (new_york, beijing, shanghai, shenzhen,
     hangzhou, xian), middle = 14 (oslo and geneva, whose shared tram tracks make T ~ 40, stay
-    middle). The RewardMap release stores a label per city that we do not have; this rule is ours.
+    middle). Deviation: the release stores a label per city; this rule is ours (docs/deviations.md).
     """
     lines_of = {}
     for line, stops in metro.items():
@@ -312,7 +293,8 @@ def _route_cost(route):
 
 
 # ---------------------------------------------------------------------------------------------
-# Questions (RewardMap App. A.2; ReasonMap App. A.1). Wording is ours; see the module docstring.
+# Questions (RewardMap App. A.2; ReasonMap App. A.1).
+# Deviation: the wording is ours, the answer formats the release's (docs/deviations.md).
 
 _BOX = "Put your final answer in \\boxed{{}}."
 PLUS_TEMPLATES = {
@@ -370,7 +352,7 @@ def city_title(city):
     return CITY_NAMES.get(city, city.replace("_", " ").title())
 
 
-def _record(kind, idx, question, answer, *, city, country, difficulty, figure, metro, counts,
+def make_record(kind, idx, question, answer, *, city, country, difficulty, figure, metro, counts,
             s1=None, s2=None, line=None, options=None, qtc=None, routes=None, template=None):
     return {"id": f"{city}-{kind}-{idx}", "type": kind, "question": question, "answer": answer,
             "options": options, "figure": figure, "country": country, "city": city,
@@ -404,10 +386,25 @@ def _balanced(rng, n, make_yes, make_no, tries):
     return picked
 
 
+@dataclasses.dataclass
+class _City:
+    """What every question type needs to know of one city, worked out once by make_questions."""
+    metro: dict       # {line: [stop, ...]}
+    disp: dict        # normalised stop -> its name as written
+    lines_of: dict    # normalised stop -> the lines through it, in metro order
+    single: dict      # line -> (not a loop, normalised stops listed once on it)
+    bad: set          # normalised stops never asked about
+    safe: list        # the other stops, sorted
+    blocked: list     # names (as written) where no reference route may transfer
+    title: str        # the city as the questions name it
+    common: dict      # the make_record fields shared by all its questions
+
+
 def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10, avoid=()):
-    """Records (DESIGN.md §2) of all six types for one city: per_type of each (Counting3: one per
-    map). `avoid`: stop names never asked about nor transferred at (see ambiguous_stops)."""
-    _check_metro(metro)
+    """Records of all six types for one city: per_type of each (Counting3: one per map), made in
+    the order below from one rng. `avoid`: stop names never asked about nor transferred at (see
+    ambiguous_stops)."""
+    check_metro(metro)
     per_type = int(per_type)
     disp, lines_of, single = {}, {}, {}
     for line, stops in metro.items():
@@ -426,121 +423,156 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
     blocked = sorted(disp[n] for n in bad if n in disp)  # names as written: normalise once only
     if len(safe) < 2:
         raise ValueError(f"{city}: fewer than two usable stops")
-    line_list = list(metro)
     counts = (len(metro), sum(1 for ls in lines_of.values() if len(ls) > 1))
-    title = city_title(city)
     common = dict(city=city, country=country, difficulty=difficulty, figure=figure,
                   metro=metro, counts=counts)
-    out = []
+    c = _City(metro, disp, lines_of, single, bad, safe, blocked, city_title(city), common)
+    return (_torf1(c, rng, per_type) + _torf2(c, rng, per_type) + _counting1(c, rng, per_type)
+            + _counting2(c, rng, per_type) + _counting3(c) + _planning(c, rng, per_type))
 
-    # TorF1: are s1 and s2 on the same line? (App. A.2)
-    def torf1(want_yes):
+
+def _torf1(c, rng, n):
+    """TorF1, App. A.2 "True or False 1": "Please solve the problem and put your answer (only
+    answer yes or no) in one "\\boxed{}". According to the subway map, is it true that stop 1 is
+    the same line as stop 2?" Yes and no balanced."""
+    def candidate(want_yes):
         def make():
             if want_yes:
-                line = rng.choice(line_list)
-                cand = [n for n in single[line][1] if n not in bad]
+                line = rng.choice(list(c.metro))
+                cand = [n for n in c.single[line][1] if n not in c.bad]
                 if len(cand) < 2:
                     return None
                 a, b = rng.sample(cand, 2)
             else:
-                a, b = rng.sample(safe, 2)
-                if set(lines_of[a]) & set(lines_of[b]):
+                a, b = rng.sample(c.safe, 2)
+                if set(c.lines_of[a]) & set(c.lines_of[b]):
                     return None
             return (tuple(sorted((a, b))), a, b)
         return make
-    for i, (_, a, b) in enumerate(_balanced(rng, per_type, torf1(True), torf1(False), 50)):
-        same = bool(set(lines_of[a]) & set(lines_of[b]))
-        q = PLUS_TEMPLATES["TorF1"].format(city=title, s1=disp[a], s2=disp[b])
-        out.append(_record("TorF1", i, q, "yes" if same else "no", s1=disp[a], s2=disp[b], **common))
+    out = []
+    for i, (_, a, b) in enumerate(_balanced(rng, n, candidate(True), candidate(False), 50)):
+        same = bool(set(c.lines_of[a]) & set(c.lines_of[b]))
+        q = PLUS_TEMPLATES["TorF1"].format(city=c.title, s1=c.disp[a], s2=c.disp[b])
+        out.append(make_record("TorF1", i, q, "yes" if same else "no", s1=c.disp[a], s2=c.disp[b],
+                               **c.common))
+    return out
 
-    # TorF2: is s1 on line x?
-    def torf2(want_yes):
+
+def _torf2(c, rng, n):
+    """TorF2, App. A.2 "True or False 2": "Please solve the problem and put your answer (only
+    answer yes or no) in one "\\boxed{}". According to the subway map, is it true that stop 1 is on
+    the line x?" Yes and no balanced."""
+    def candidate(want_yes):
         def make():
-            line = rng.choice(line_list)
+            line = rng.choice(list(c.metro))
             if want_yes:
-                cand = [n for n in single[line][1] if n not in bad]
+                cand = [n for n in c.single[line][1] if n not in c.bad]
             else:
-                cand = [n for n in safe if line not in lines_of[n]]
+                cand = [n for n in c.safe if line not in c.lines_of[n]]
             if not cand:
                 return None
             a = rng.choice(cand)
             return ((a, line), a, line)
         return make
-    for i, (_, a, line) in enumerate(_balanced(rng, per_type, torf2(True), torf2(False), 50)):
-        q = PLUS_TEMPLATES["TorF2"].format(city=title, s1=disp[a], line=line)
-        ans = "yes" if line in lines_of[a] else "no"
-        out.append(_record("TorF2", i, q, ans, s1=disp[a], line=line, **common))
+    out = []
+    for i, (_, a, line) in enumerate(_balanced(rng, n, candidate(True), candidate(False), 50)):
+        q = PLUS_TEMPLATES["TorF2"].format(city=c.title, s1=c.disp[a], line=line)
+        ans = "yes" if line in c.lines_of[a] else "no"
+        out.append(make_record("TorF2", i, q, ans, s1=c.disp[a], line=line, **c.common))
+    return out
 
-    # Counting1: intermediate stops between two stops of one (non-loop) line, options A-D
-    seen, made = set(), 0
-    for _ in range(50 * max(per_type, 1)):
-        if made >= per_type:
+
+def _counting1(c, rng, n):
+    """Counting1, App. A.2 "Local Counting 1": "Please solve the multiple choice problem and put your
+    answer (one of ABCD) in one "\\boxed{}". According to the subway map, how many intermediate
+    stops are there between stop 1 and stop 2 (except for this two stops)? A) x B) x C) x D) x".
+    Two stops listed once on a line that is not a loop (a loop has two answers); the right count
+    and three others within 4 of it, shuffled."""
+    seen, out = set(), []
+    for _ in range(50 * max(n, 1)):
+        if len(out) >= n:
             break
-        line = rng.choice(line_list)
-        linear, ok = single[line]
-        names = _line_stops(metro[line])[0]
-        idx = [i for i, n in enumerate(names) if n in ok and n not in bad]
+        line = rng.choice(list(c.metro))
+        linear, ok = c.single[line]
+        names = _line_stops(c.metro[line])[0]
+        idx = [i for i, s in enumerate(names) if s in ok and s not in c.bad]
         if not linear or len(idx) < 2:
             continue
         i, j = sorted(rng.sample(idx, 2))
         if j - i < 2 or (line, i, j) in seen:
             continue
         seen.add((line, i, j))
-        n = j - i - 1
-        pool = [m for m in range(max(0, n - 4), n + 5) if m != n]
-        options = rng.sample(pool, 3) + [n]
+        k = j - i - 1
+        pool = [m for m in range(max(0, k - 4), k + 5) if m != k]
+        options = rng.sample(pool, 3) + [k]
         rng.shuffle(options)
-        letter = "ABCD"[options.index(n)]
+        letter = "ABCD"[options.index(k)]
         a, b = (names[i], names[j]) if rng.random() < 0.5 else (names[j], names[i])
-        q = PLUS_TEMPLATES["Counting1"].format(city=title, s1=disp[a], s2=disp[b], line=line,
-                                          o0=options[0], o1=options[1], o2=options[2], o3=options[3])
-        out.append(_record("Counting1", made, q, letter, s1=disp[a], s2=disp[b], line=line,
-                           options=options, **common))
-        made += 1
+        q = PLUS_TEMPLATES["Counting1"].format(city=c.title, s1=c.disp[a], s2=c.disp[b], line=line,
+                                               o0=options[0], o1=options[1], o2=options[2],
+                                               o3=options[3])
+        out.append(make_record("Counting1", len(out), q, letter, s1=c.disp[a], s2=c.disp[b],
+                               line=line, options=options, **c.common))
+    return out
 
-    # Counting2: lines through s1 (half of them at transfer stations, where counting is the skill)
-    hubs = [n for n in safe if len(lines_of[n]) > 1]
+
+def _counting2(c, rng, n):
+    """Counting2, App. A.2 "Local Counting 2": "Please solve the problem and put your answer in one
+    "\\boxed{}". According to the subway map, how many lines pass through stop 1?" Half of the
+    stops are transfer stations, where counting is the skill."""
+    hubs = [s for s in c.safe if len(c.lines_of[s]) > 1]
     chosen = []
-    for k in range(per_type):
-        pool = hubs if (k % 2 == 0 and hubs) else safe
-        rest = [n for n in pool if n not in chosen] or [n for n in safe if n not in chosen]
+    for k in range(n):
+        pool = hubs if (k % 2 == 0 and hubs) else c.safe
+        rest = [s for s in pool if s not in chosen] or [s for s in c.safe if s not in chosen]
         if not rest:
             break
         chosen.append(rng.choice(rest))
-    for i, a in enumerate(chosen):
-        q = PLUS_TEMPLATES["Counting2"].format(city=title, s1=disp[a])
-        out.append(_record("Counting2", i, q, len(lines_of[a]), s1=disp[a], **common))
+    return [make_record("Counting2", i, PLUS_TEMPLATES["Counting2"].format(city=c.title, s1=c.disp[a]),
+                        len(c.lines_of[a]), s1=c.disp[a], **c.common)
+            for i, a in enumerate(chosen)]
 
-    # Counting3: lines on the map, one question per map
-    out.append(_record("Counting3", 0, PLUS_TEMPLATES["Counting3"].format(city=title), len(metro), **common))
 
-    # planning (RM §3): pairs mixing 0 / 1 / >= 2 transfers, up to 3 optimal reference routes
+def _counting3(c):
+    """Counting3, App. A.2 "Global Counting": "Please solve the problem and put your answer in one
+    "\\boxed{}". According to the subway map, how many subway (metro) lines are there in total?"
+    One question per map."""
+    return [make_record("Counting3", 0, PLUS_TEMPLATES["Counting3"].format(city=c.title),
+                        len(c.metro), **c.common)]
+
+
+def _planning(c, rng, n):
+    """planning (RM §3, RM App. A.1 templates short / long1 / long2, in turn): pairs mixing 0 / 1 /
+    >= 2 transfers, each with up to 3 optimal reference routes. A pair whose optimum needs a
+    transfer at a name the data cannot vouch for (c.blocked) is not asked."""
     buckets, seen = {0: [], 1: [], 2: []}, set()
-    want = {k: per_type // 3 + (1 if k < per_type % 3 else 0) for k in buckets}
-    for _ in range(30 * max(per_type, 1)):
+    want = {k: n // 3 + (1 if k < n % 3 else 0) for k in buckets}
+    for _ in range(30 * max(n, 1)):
         if all(len(buckets[k]) >= want[k] for k in buckets):
             break
-        a, b = rng.sample(safe, 2)
+        a, b = rng.sample(c.safe, 2)
         if (a, b) in seen:
             continue
         seen.add((a, b))
-        full = best_routes(metro, disp[a], disp[b], limit=1)
+        full = best_routes(c.metro, c.disp[a], c.disp[b], limit=1)
         if not full:
             continue
-        strict = best_routes(metro, disp[a], disp[b], limit=3, no_transfer_at=blocked)
+        strict = best_routes(c.metro, c.disp[a], c.disp[b], limit=3, no_transfer_at=c.blocked)
         if not strict or _route_cost(strict[0]) != _route_cost(full[0]):
-            continue  # the optimum needs a transfer the data cannot vouch for
+            continue
         k = min(transfer_count(strict[0]), 2)
         if len(buckets[k]) < want[k]:
             buckets[k].append((a, b, strict))
     # a city without (say) 2-transfer pairs fills up with what it has
     picked = [x for k in (0, 1, 2) for x in buckets[k]]
     offset = rng.randrange(3)
+    out = []
     for i, (a, b, routes) in enumerate(picked):
         template = TEMPLATE_NAMES[(i + offset) % 3]
-        q = PLANNING_TEMPLATES[template].format(city=title, s1=disp[a], s2=disp[b])
-        out.append(_record("planning", i, q, None, s1=disp[a], s2=disp[b],
-                           qtc=transfer_count(routes[0]), routes=routes, template=template, **common))
+        q = PLANNING_TEMPLATES[template].format(city=c.title, s1=c.disp[a], s2=c.disp[b])
+        out.append(make_record("planning", i, q, None, s1=c.disp[a], s2=c.disp[b],
+                               qtc=transfer_count(routes[0]), routes=routes, template=template,
+                               **c.common))
     return out
 
 
@@ -717,13 +749,13 @@ def _write_stations(path, metro):
         f.write("\n")
 
 
-def _write_jsonl(path, records):
+def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def _progress(items, desc, total):
+def progress(items, desc, total):
     if total < 8:
         return items
     try:
@@ -747,7 +779,7 @@ def synth(out_dir, cities=6, seed=0, per_type=8, n_test=None):
     for sub in ("maps", "stations"):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     train, test = [], []
-    for i in _progress(range(cities), "synth cities", cities):
+    for i in progress(range(cities), "synth cities", cities):
         city = f"synth{i:03d}"
         difficulty = DIFFICULTIES[i % 3]
         rng = random.Random(f"rewardmap-synth-{seed}-{i}")
@@ -760,8 +792,8 @@ def synth(out_dir, cities=6, seed=0, per_type=8, n_test=None):
                               figure=f"maps/{city}.png", rng=rng, per_type=per_type)
         (test if i >= cities - n_test else train).extend(recs)
     paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
-    _write_jsonl(paths[0], train)
-    _write_jsonl(paths[1], test)
+    write_jsonl(paths[0], train)
+    write_jsonl(paths[1], test)
     return paths
 
 
@@ -779,7 +811,7 @@ def real(stations_dir, maps_dir, out_dir, per_type=20, seed=0, test_cities=TEST_
     if not found:
         raise ValueError(f"no <country>/<city>.json under {stations_dir}")
     train, test = [], []
-    for country, city in _progress(found, "real cities", len(found)):
+    for country, city in progress(found, "real cities", len(found)):
         map_path = os.path.join(maps_dir, country, city + ".png")
         if not os.path.exists(map_path):
             warnings.warn(f"{country}/{city}: no map at {map_path}; city skipped")
@@ -792,8 +824,8 @@ def real(stations_dir, maps_dir, out_dir, per_type=20, seed=0, test_cities=TEST_
                               figure=figure, rng=rng, per_type=per_type, avoid=ambiguous_stops(raw))
         (test if city in test_cities else train).extend(recs)
     paths = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "test.jsonl")
-    _write_jsonl(paths[0], train)
-    _write_jsonl(paths[1], test)
+    write_jsonl(paths[0], train)
+    write_jsonl(paths[1], test)
     return paths
 
 
@@ -804,7 +836,7 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_record(r, base, figure_ok):
+def check_record(r, base, figure_ok):
     """The first thing wrong with record r, or None."""
     if not isinstance(r, dict):
         return f"expected a JSON object, got {type(r).__name__}"
@@ -825,7 +857,7 @@ def _check_record(r, base, figure_ok):
         if r[key] is not None and not isinstance(r[key], str):
             return f"field {key!r} must be a string or null"
     try:
-        _check_metro(r["metro"])
+        check_metro(r["metro"])
     except ValueError as e:
         return str(e)
     a = r["answer"]
@@ -887,7 +919,7 @@ def _figure_problem(path):
 
 
 def load_records(path):
-    """Read a JSONL file of records, validating each against DESIGN.md §2.
+    """Read a JSONL file of records, validating each (fields: make_record; types: reward.TYPES).
 
     Raises ValueError("FILE:LINE: what is wrong") on the first bad record: bad JSON, unknown type,
     missing field, wrong answer shape, bad options/routes, duplicate id, missing or unreadable figure.
@@ -902,7 +934,7 @@ def load_records(path):
                 r = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            problem = _check_record(r, base, figure_ok)
+            problem = check_record(r, base, figure_ok)
             if problem is None and r["id"] in ids:
                 problem = f"duplicate id {r['id']!r}"
             if problem:
@@ -1022,648 +1054,6 @@ def _to_rgb(part):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' released datasets -> our records (python data.py release)
-#
-# - ReasonMap-Plus (FSCCS/ReasonMap-Plus, data/{train,test}.parquet) and ReasonMap-Train
-#   (FSCCS/ReasonMap-Train; the authors' utils/download_dataset.py keeps it as datasets'
-#   save_to_disk folder: dataset_dict.json, <split>/state.json listing data-*.arrow shards in Arrow
-#   IPC stream format): one row per question; `answer` an int (TorF 1/0, Counting1 0-3, counts;
-#   planning rows carry a placeholder); `figure` a path such as ./maps/<country>/<city>.png.
-# - ReasonMap (FSCCS/ReasonMap, data/reasonmap-1008-{train,validation}.parquet): one row per route
-#   question, asked twice (question_short, question_long), reference `routes` from map services,
-#   and the whole map as base64 PNG in `figure`, repeated in every row (GBs: read a few rows at a
-#   time; each city's map is decoded once and written to OUT/maps/<country>/<city>.png).
-# Both readings are accepted wherever the authors' code does not settle the stored form (answers
-# as ints or as "yes"/"B"; `json` as a dict, JSON text or a path; `routes` as an object of plans, a
-# list or JSON text; `figure` as a path, base64 text or image bytes). Which facts are confirmed and
-# which inferred is listed in the README ("Reproduce Table 1").
-
-RELEASE_MAX_LOST = 0.01          # a file's import fails if more of its records cannot be mapped
-RELEASE_BATCH_BYTES = 64 << 20   # Arrow data per batch read; a ReasonMap row carries a whole map
-_RELEASE_COLUMNS = {  # format: (needed, optional)
-    "ReasonMap-Plus/Train": (
-        ("question", "answer", "type", "figure", "country", "city", "difficulty_city"),
-        ("station_1", "station_2", "json", "question_transfer_count", "city_line_count",
-         "city_transfer_count", "routes")),
-    "ReasonMap": (
-        ("question_short", "question_long", "station_1", "station_2", "figure", "country", "city",
-         "difficulty_city", "routes"),
-        ("json", "question_transfer_count", "city_line_count", "city_transfer_count",
-         "difficulty_question")),
-}
-_NUMBER = ("int", "float", "string")
-_COLUMN_KINDS = {"answer": ("int", "float", "string", "bool"), "question_transfer_count": _NUMBER,
-                 "city_line_count": _NUMBER, "city_transfer_count": _NUMBER,
-                 "figure": ("string", "binary", "struct"), "json": ("string", "struct", "map"),
-                 "routes": ("string", "list", "struct", "map")}
-_RELEASE_TYPES = {t.lower(): t for t in TYPES}
-_SHARD = re.compile(r"(.+?)-\d{5}-of-\d{5}")
-_OPTION = re.compile(r"(?<![A-Za-z0-9])([A-D])\s*[).:：]\s*(-?\d+)")
-# "Line 2", "line12", "Route 3", "A Line", "5 Train", "4号线": codes in capitals, so "a line" is not one
-_LINE_MENTION = re.compile(r"(?<!\w)(?:[Ll]inea?|[Rr]oute)\s*[A-Z0-9]{1,3}(?!\w)"
-                           r"|(?<!\w)[A-Z0-9]{1,3}[ -](?:[Ll]ine|[Tt]rain)(?!\w)|[0-9A-Z]{1,3}号线")
-_IMAGE_MAGIC = ((b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"))
-
-
-def _arrow():
-    try:
-        import pyarrow
-        import pyarrow.ipc  # noqa: F401
-        import pyarrow.parquet  # noqa: F401
-    except ImportError:
-        raise ImportError("reading the released datasets (Parquet / Arrow files) needs pyarrow, "
-                          "an optional extra: pip install pyarrow") from None
-    return pyarrow
-
-
-class _Lost(Exception):
-    """A row that cannot become a record: reason (counted) and detail (shown for the first)."""
-
-    def __init__(self, reason, detail=""):
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
-
-
-@dataclasses.dataclass
-class _Source:
-    where: str       # shown in messages
-    dataset: str     # record ids: dataset/split/row
-    split: str
-    name: str        # OUT/<name>.jsonl
-    files: list
-    arrow: bool      # save_to_disk shards (Arrow IPC) rather than Parquet
-
-
-def _dataset_name(folder):
-    """ReasonMap-Plus/data/test.parquet -> 'ReasonMap-Plus' (a 'data' folder is skipped)."""
-    folder = os.path.abspath(folder)
-    while os.path.basename(folder) == "data" and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return os.path.basename(folder) or "dataset"
-
-
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-
-
-def _saved_sources(folder):
-    """A datasets save_to_disk folder: a DatasetDict (dataset_dict.json + one folder per split)
-    or a single Dataset (state.json at the top). Shards are listed in each split's state.json."""
-    name = os.path.basename(os.path.abspath(folder))
-    if os.path.isfile(os.path.join(folder, "dataset_dict.json")):
-        splits = _read_json(os.path.join(folder, "dataset_dict.json")).get("splits")
-        if not isinstance(splits, list) or not splits:
-            raise ValueError(f"{os.path.join(folder, 'dataset_dict.json')}: no 'splits' list")
-        parts = [(str(s), os.path.join(folder, str(s))) for s in splits]
-    else:
-        parts = [(None, folder)]
-    out = []
-    for split, sdir in parts:
-        state_path = os.path.join(sdir, "state.json")
-        state = _read_json(state_path)
-        files = [os.path.join(sdir, f.get("filename", "")) for f in state.get("_data_files") or []
-                 if isinstance(f, dict)]
-        if not files:
-            raise ValueError(f"{state_path}: no '_data_files' listed")
-        split = split or state.get("_split") or "train"
-        out.append(_Source(sdir, name, split, f"{name}-{split}", files, arrow=True))
-    return out
-
-
-def _release_sources(path):
-    """The files behind PATH: a .parquet file, a save_to_disk folder, or a folder holding either
-    (hub shards such as train-00000-of-00002.parquet form one split, named 'train')."""
-    saved, groups = [], {}
-    if os.path.isfile(path) and path.endswith(".parquet"):
-        groups[(os.path.dirname(path), os.path.basename(path)[:-8])] = [path]
-    elif os.path.isdir(path):
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            if any(os.path.isfile(os.path.join(root, f)) for f in ("dataset_dict.json", "state.json")):
-                saved += _saved_sources(root)
-                dirs[:] = []
-                continue
-            for f in sorted(files):
-                if f.endswith(".parquet"):
-                    shard = _SHARD.fullmatch(f[:-8])
-                    key = (root, shard.group(1) if shard else f[:-8])
-                    groups.setdefault(key, []).append(os.path.join(root, f))
-    else:
-        raise ValueError(f"{path}: not a .parquet file, a save_to_disk folder, or a folder of them")
-    if not saved and not groups:
-        raise ValueError(f"{path}: holds no .parquet file and no save_to_disk folder")
-    return saved + [_Source(files[0] if len(files) == 1 else os.path.join(root, stem + "-*.parquet"),
-                            _dataset_name(root), stem, stem, files, arrow=False)
-                    for (root, stem), files in sorted(groups.items())]
-
-
-def _open_source(src):
-    """(schema, batches, number of batches or 0 if unknown) of a source's files, read lazily."""
-    pa = _arrow()
-    if src.arrow:   # datasets writes (and reads) its shards as memory-mapped IPC streams
-        readers = []
-        for f in src.files:
-            try:
-                readers.append(pa.ipc.open_stream(pa.memory_map(f)))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(f"{f}: not an Arrow IPC stream ({e})") from None
-
-        def batches():
-            for reader in readers:
-                yield from reader
-        schemas = [r.schema for r in readers]
-        count = 0
-    else:
-        # Memory: Parquet decodes a whole data page at a time, so a file written with all of
-        # its base64 maps in one page is held once, whatever the batch size.
-        try:
-            files = [pa.parquet.ParquetFile(f, buffer_size=1 << 20) for f in src.files]
-        except (pa.ArrowInvalid, OSError) as e:
-            raise ValueError(f"{src.where}: not a readable Parquet file ({e})") from None
-        sizes = []
-        for pf in files:    # rows per batch from the mean row size: a few for ReasonMap's maps
-            meta = pf.metadata
-            size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
-            rows = max(1, min(1024, RELEASE_BATCH_BYTES * max(1, meta.num_rows) // max(1, size)))
-            sizes.append(rows)
-
-        def batches():
-            for pf, rows in zip(files, sizes):
-                yield from pf.iter_batches(batch_size=rows)
-        schemas = [pf.schema_arrow for pf in files]
-        count = sum(-(-pf.metadata.num_rows // rows) for pf, rows in zip(files, sizes))
-    for f, schema in zip(src.files, schemas):
-        if not schema.equals(schemas[0], check_metadata=False):
-            raise ValueError(f"{f}: its columns differ from those of {src.files[0]}")
-    return schemas[0], batches(), count
-
-
-def _arrow_kind(pa, t):
-    if pa.types.is_dictionary(t):
-        t = t.value_type
-    for kind, test in (("string", lambda: pa.types.is_string(t) or pa.types.is_large_string(t)),
-                       ("binary", lambda: pa.types.is_binary(t) or pa.types.is_large_binary(t)),
-                       ("int", lambda: pa.types.is_integer(t)), ("float", lambda: pa.types.is_floating(t)),
-                       ("bool", lambda: pa.types.is_boolean(t)), ("struct", lambda: pa.types.is_struct(t)),
-                       ("map", lambda: pa.types.is_map(t)), ("null", lambda: pa.types.is_null(t)),
-                       ("list", lambda: pa.types.is_list(t) or pa.types.is_large_list(t))):
-        if test():
-            return kind
-    return str(t)
-
-
-def _release_format(schema, where):
-    """('ReasonMap-Plus/Train' | 'ReasonMap', unused columns); ValueError naming the file and the
-    column for a missing column or one whose Arrow type cannot hold what it should."""
-    pa = _arrow()
-    names = list(schema.names)
-    if "question_short" in names or "question_long" in names:
-        fmt = "ReasonMap"
-    elif "question" in names:
-        fmt = "ReasonMap-Plus/Train"
-    else:
-        raise ValueError(f"{where}: neither a column 'question' (ReasonMap-Plus, ReasonMap-Train) "
-                         f"nor 'question_short'/'question_long' (ReasonMap); columns: {names}")
-    needed, optional = _RELEASE_COLUMNS[fmt]
-    unused = [c for c in names if c not in needed + optional]
-    for column in needed:
-        if column not in names:
-            raise ValueError(f"{where}: no column {column!r} ({fmt} needs {', '.join(needed)})"
-                             + (f"; columns not understood: {unused}" if unused else ""))
-    for column in names:
-        if column in unused:
-            continue
-        allowed = _COLUMN_KINDS.get(column, ("string",)) + (("null",) if column in optional else ())
-        kind = _arrow_kind(pa, schema.field(column).type)
-        if kind not in allowed:
-            raise ValueError(f"{where}: column {column!r} has Arrow type "
-                             f"{schema.field(column).type}, expected {' or '.join(allowed)}")
-    return fmt, unused
-
-
-def _release_int(value):
-    """An int from 3, 3.0 or '3' (pandas stores an int column with gaps as floats); else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-        return int(value)
-    return value if isinstance(value, int) else None
-
-
-def _release_answer(kind, value):
-    """The int answer in our encoding (DESIGN.md §2): TorF 1/0 -> 'yes'/'no', Counting1 0-3 ->
-    'A'-'D', counts as ints, planning None. 'yes'/'no' and letters already decoded pass as they are."""
-    if kind == "planning":
-        return None
-    text = value.strip().lower() if isinstance(value, str) else None
-    number = _release_int(value)
-    if kind in ("TorF1", "TorF2"):
-        if value is True or number == 1 or text in ("yes", "true"):
-            return "yes"
-        if value is False or number == 0 or text in ("no", "false"):
-            return "no"
-        raise _Lost(f"{kind} answer is not 1/0", repr(value))
-    if kind == "Counting1":
-        if text in ("a", "b", "c", "d"):
-            return text.upper()
-        if number in (0, 1, 2, 3):
-            return "ABCD"[number]
-        raise _Lost("Counting1 answer is not 0-3", repr(value))
-    if number is None or number < 0:
-        raise _Lost(f"{kind} answer is not a count", repr(value))
-    return number
-
-
-def _release_options(question):
-    """Counting1's four numbers from the question text ('A) 8 \\nB) 1 \\nC) 25 \\nD) 12');
-    the last mention of each letter wins (the options close the question)."""
-    found = {letter: int(n) for letter, n in _OPTION.findall(question)}
-    if sorted(found) != ["A", "B", "C", "D"]:
-        raise _Lost("Counting1 options A-D not found in the question", question[-80:])
-    return [found[c] for c in "ABCD"]
-
-
-def _release_line(question, metro, city, s1):
-    """TorF2's line: the one Metro Data line the question names ('Line 12' is not 'Line 1')."""
-    lines, found = list(metro), set()
-    text = re.sub(re.escape(s1), " ", question, flags=re.I) if s1 else question
-    for line in sorted(lines, key=len, reverse=True):     # whole names first, longest first
-        if len(line) >= 3:
-            whole = re.compile(r"(?<!\w)" + re.escape(line) + r"(?!\w)", re.I)
-            if whole.search(text):
-                found.add(line)
-                text = whole.sub(" ", text)
-    found.update(filter(None, (service_line(m.group(), lines, city)
-                               for m in _LINE_MENTION.finditer(text))))
-    if len(found) != 1:
-        raise _Lost("TorF2: no single Metro Data line named in the question",
-                    f"{sorted(found)} in {question[:120]!r}")
-    return found.pop()
-
-
-def _release_template(question):
-    """Which planning template a question uses (RM App. A.1; the release marks none):
-    'Number of Via Stops' -> long1, 'Via Stops' -> long2, else short."""
-    text = question.lower()
-    return "long1" if "number of via stops" in text else "long2" if "via stops" in text else "short"
-
-
-def _release_plans(value):
-    """Reference plans as lists of segment dicts, whatever Arrow made of them: an object of plans
-    (main.py iterates routes.items(); a struct column fills absent plans with null), a map (pairs),
-    a list of plans, one plan, or JSON text of any of these."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise _Lost("routes is not JSON", value[:80]) from None
-    if isinstance(value, dict):
-        plans = list(value.values())
-    elif isinstance(value, list) and value and all(isinstance(x, tuple) for x in value):
-        plans = [v for _, v in value]
-    elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
-        plans = [value]
-    elif isinstance(value, list):
-        plans = value
-    else:
-        raise _Lost("routes is not a list or an object of plans", repr(value)[:80])
-    plans = [p for p in plans if p]
-    if not plans or not all(isinstance(p, list) and all(isinstance(s, dict) for s in p) for p in plans):
-        raise _Lost("no reference route (each a list of segments)", repr(value)[:80])
-    return plans
-
-
-def _release_segment(seg, metro, city, note):
-    """A map service's segment in Metro Data names: the line via reward.service_line, stops as the
-    line writes them, via stops from the service or else the line's own ride. What cannot be
-    matched is kept as written (it scores like a wrong name, as in ReasonMap's evaluator)."""
-    name, dep, arr = (seg.get(k) for k in ("route_name", "departure_stop", "arrival_stop"))
-    if not all(isinstance(x, str) and x.strip() for x in (name, dep, arr)):
-        raise _Lost("a reference segment lacks route_name, departure_stop or arrival_stop", repr(seg)[:80])
-    via = [clean_name(v) for v in seg.get("via_stops") or () if isinstance(v, str) and v.strip()]
-    dep, arr, line = clean_name(dep), clean_name(arr), service_line(name, list(metro), city)
-    if line is None:
-        note("reference route name matches no Metro Data line (kept as written)", name)
-        return {"route_name": name.strip(), "departure_stop": dep, "arrival_stop": arr, "via_stops": via}
-    on_line = {normalize_stop(s): s for s in metro[line]}
-    if normalize_stop(dep) not in on_line or normalize_stop(arr) not in on_line:
-        note("reference stop not on its Metro Data line (kept as written)", f"{dep} / {arr} on {line}")
-    dep, arr = on_line.get(normalize_stop(dep), dep), on_line.get(normalize_stop(arr), arr)
-    if via:
-        via = [on_line.get(normalize_stop(v), v) for v in via]
-    elif dep in metro[line] and arr in metro[line] and normalize_stop(dep) != normalize_stop(arr):
-        via = _ride(metro, line, dep, arr)
-        given = _release_int(seg.get("num_via_stops"))
-        if given is not None and given != len(via):
-            note("num_via_stops differs from the Metro Data ride (ride kept)", f"{given} vs {len(via)}")
-    return {"route_name": line, "departure_stop": dep, "arrival_stop": arr, "via_stops": via}
-
-
-def _release_routes(value, metro, city, note):
-    plans = _release_plans(value)
-    if len(plans) > 3:     # DESIGN.md §2 keeps at most 3 reference routes
-        note("more than 3 reference routes: the first 3 kept", str(len(plans)))
-    return [[_release_segment(seg, metro, city, note) for seg in plan] for plan in plans[:3]]
-
-
-def _release_difficulty(value):
-    level = {"medium": "middle"}.get(str(value).strip().lower(), str(value).strip().lower())
-    if level not in DIFFICULTIES:
-        raise _Lost("difficulty_city is not easy/middle/hard", repr(value))
-    return level
-
-
-def _release_station(value):
-    return clean_name(value) if isinstance(value, str) and value.strip() else None
-
-
-class _Release:
-    """One `data.py release` run: a city's Metro Data and map, found or decoded once."""
-
-    def __init__(self, maps_dir, stations_dir, out_dir):
-        self.maps, self.stations, self.out = maps_dir, stations_dir, out_dir
-        self.cities, self.decoded, self.found = {}, {}, {}
-
-    def city(self, row, base):
-        """(country, city, metro, names not to transfer at) from --stations, else the row's json."""
-        country, city = (str(row.get(k) or "").strip() for k in ("country", "city"))
-        if not all(re.fullmatch(r"\w[\w.-]*", name) for name in (country, city)):
-            raise _Lost("country/city is not a folder-style name", f"{country!r}/{city!r}")
-        key = (country, city)
-        if key not in self.cities:
-            try:
-                path = os.path.join(self.stations, country, city + ".json")
-                raw = load_metro_raw(path) if os.path.isfile(path) else \
-                    self._metro_from(row.get("json"), base, path)
-                metro = {line: [clean_name(s) for s in stops] for line, stops in raw.items()}
-                self.cities[key] = (metro, ambiguous_stops(raw))
-            except (ValueError, OSError) as e:
-                self.cities[key] = str(e)
-        if isinstance(self.cities[key], str):
-            raise _Lost("no Metro Data for the city", self.cities[key])
-        return (country, city) + self.cities[key]
-
-    def _metro_from(self, value, base, looked):
-        where = f"not at {looked}; the row's 'json'"
-        if isinstance(value, list):                    # an Arrow map: (line, stops) pairs
-            value = dict(value)
-        if isinstance(value, str) and value.strip().startswith("{"):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not JSON ({e})") from None
-        elif isinstance(value, str) and value.strip():   # a path, e.g. ./stations/china/beijing.json
-            text = value.strip()
-            tail = text.replace("\\", "/").split("stations/")[-1]
-            for path in (text, os.path.join(base, text), os.path.join(self.stations, tail)):
-                if os.path.isfile(path):
-                    return load_metro_raw(path)
-            raise ValueError(f"{where} path {text!r} is not a file")
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} is {type(value).__name__}, not Metro Data")
-        # an Arrow struct holds every city's line names, null where the city has no such line
-        raw = {line: stops for line, stops in value.items() if stops is not None}
-        _check_metro(raw, where)
-        return raw
-
-    def figure(self, country, city, value_of, base, note):
-        """Absolute path of the row's map. value_of() is only called when the city's map was not
-        decoded yet: ReasonMap repeats a base64 map of ~100 MB in every row."""
-        key = (country, city)
-        if key in self.decoded:
-            return self.decoded[key]
-        value = value_of()
-        if isinstance(value, dict):                      # datasets' Image feature
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, (bytes, bytearray)):
-            return self._save(key, bytes(value))
-        text = value.strip() if isinstance(value, str) else ""
-        if not text:
-            raise _Lost("no figure")
-        if len(text) < 4096 and re.search(r"\.(png|jpe?g)$", text, re.I):
-            return self._find(text, key, base, note)
-        try:
-            data = base64.b64decode(text.split(",", 1)[-1] if text.startswith("data:") else text)
-        except ValueError:                               # binascii.Error
-            raise _Lost("figure is neither a map path nor base64 image data", text[:60]) from None
-        return self._save(key, data)
-
-    def _find(self, text, key, base, note):
-        """./maps/<country>/<city>.png under --maps (or beside the input file); failing that,
-        --maps/<country>/<city>.<ext> with a note, for paths written on the authors' machines."""
-        if (text, key) not in self.found:
-            rel = text[2:] if text.startswith("./") else text
-            places = [rel] if os.path.isabs(rel) else []
-            if rel.replace("\\", "/").startswith("maps/"):
-                places.append(os.path.join(self.maps, rel[5:]))
-            places += [os.path.join(self.maps, rel), os.path.join(base, rel)]
-            path = next((p for p in places if os.path.isfile(p)), None)
-            by_city = os.path.join(self.maps, *key[:1], key[1] + os.path.splitext(rel)[1])
-            if path is None and os.path.isfile(by_city):
-                path = by_city
-            self.found[(text, key)] = (path and os.path.abspath(path), path == by_city)
-        path, by_city = self.found[(text, key)]
-        if path is None:
-            raise _Lost("map file not found (--maps)", text)
-        if by_city:
-            note("map found by country/city, not at its figure path", text)
-        return path
-
-    def _save(self, key, data):
-        ext = next((e for magic, e in _IMAGE_MAGIC if data.startswith(magic)), None)
-        if ext is None:
-            raise _Lost("figure data is not a PNG or JPEG image", repr(data[:16]))
-        path = os.path.abspath(os.path.join(self.out, "maps", key[0], key[1] + ext))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".part", "wb") as f:
-            f.write(data)
-        os.replace(path + ".part", path)
-        self.decoded[key] = path
-        return path
-
-
-def _release_record(kind, rid, question, answer, row, run, place, **kw):
-    """A record (DESIGN.md §2) for one question of a row; place = (country, city, metro, map)."""
-    country, city, metro, map_path = place
-    counts = (_release_int(row.get("city_line_count")), _release_int(row.get("city_transfer_count")))
-    rec = _record(kind, 0, question, answer, city=city, country=country,
-                  difficulty=_release_difficulty(row["difficulty_city"]),
-                  figure=os.path.relpath(map_path, run.out).replace(os.sep, "/"), metro=metro,
-                  counts=counts, **kw)
-    rec["id"] = rid
-    if row.get("difficulty_question") is not None:
-        rec["difficulty_question"] = row["difficulty_question"]
-    return rec
-
-
-def _plus_records(row, figure, rid, run, note, base):
-    """A ReasonMap-Plus / ReasonMap-Train row -> [record]."""
-    kind = _RELEASE_TYPES.get(str(row["type"]).strip().lower())
-    if kind is None:
-        raise _Lost("unknown type", repr(row["type"]))
-    question = row["question"] if isinstance(row["question"], str) else ""
-    if not question.strip():
-        raise _Lost("empty question")
-    country, city, metro, avoid = run.city(row, base)
-    place = (country, city, metro, run.figure(country, city, figure, base, note))
-    s1, s2 = _release_station(row.get("station_1")), _release_station(row.get("station_2"))
-    answer = _release_answer(kind, row["answer"])
-    qtc = _release_int(row.get("question_transfer_count"))
-    qtc = qtc if qtc is not None and qtc >= 0 else None
-    kw = dict(s1=s1, s2=s2, qtc=qtc)
-    if kind == "Counting1":
-        kw["options"] = _release_options(question)
-    elif kind == "TorF2":     # the line is in station_2 (if that names no stop) or in the text
-        stops = {normalize_stop(s) for line_stops in metro.values() for s in line_stops}
-        line = service_line(s2, list(metro), city) if s2 and normalize_stop(s2) not in stops else None
-        kw["s2"] = None if line else s2
-        kw["line"] = line or _release_line(question, metro, city, s1)
-    elif kind == "planning":
-        if not (s1 and s2):
-            raise _Lost("planning row without station_1 and station_2")
-        if row.get("routes") is not None:
-            kw["routes"] = _release_routes(row["routes"], metro, city, note)
-        else:
-            kw["routes"] = best_routes(metro, s1, s2, limit=3, no_transfer_at=avoid) or \
-                best_routes(metro, s1, s2, limit=3)
-            note("reference routes from the route oracle (the row has none)")
-            if not kw["routes"]:
-                raise _Lost("no route between station_1 and station_2 in the Metro Data")
-        if qtc is None:
-            kw["qtc"] = min(len(route) for route in kw["routes"]) - 1
-        kw["template"] = _release_template(question)
-    return [_release_record(kind, rid, question, answer, row, run, place, **kw)]
-
-
-def _reasonmap_records(row, figure, rid, run, note, base):
-    """A ReasonMap row -> [short record, long record] (RM App. A.1: each question asked twice)."""
-    texts = [row[k] if isinstance(row[k], str) else "" for k in ("question_short", "question_long")]
-    if not all(t.strip() for t in texts):
-        raise _Lost("empty question_short or question_long")
-    s1, s2 = _release_station(row["station_1"]), _release_station(row["station_2"])
-    if not (s1 and s2):
-        raise _Lost("empty station_1 or station_2")
-    country, city, metro, _ = run.city(row, base)
-    place = (country, city, metro, run.figure(country, city, figure, base, note))
-    routes = _release_routes(row["routes"], metro, city, note)
-    qtc = _release_int(row.get("question_transfer_count"))
-    if qtc is None or qtc < 0:
-        qtc = min(len(route) for route in routes) - 1
-        note("question_transfer_count missing: fewest transfers of the reference routes")
-    # main.py: a long question asks "Number of Via Stops" (long1) or else "Via Stops" (long2)
-    long = "long1" if "number of via stops" in texts[1].lower() else "long2"
-    return [_release_record("planning", f"{rid}/{part}", text, None, row, run, place, s1=s1, s2=s2,
-                            qtc=qtc, routes=routes, template=template)
-            for part, text, template in (("short", texts[0], "short"), ("long", texts[1], long))]
-
-
-def _tally(table, reason, example, n=1):
-    entry = table.setdefault(reason, [0, example])
-    entry[0] += n
-
-
-def _release_file(src, run, max_lost):
-    """Import one source; returns its summary dict. Nothing is written when too much is lost."""
-    schema, batches, count = _open_source(src)
-    fmt, unused = _release_format(schema, src.where)
-    convert, per_row = (_reasonmap_records, 2) if fmt == "ReasonMap" else (_plus_records, 1)
-    base = os.path.dirname(os.path.abspath(src.files[0]))
-    out_base = os.path.abspath(run.out)
-    records, lost, notes, figure_ok, n_rows = [], {}, {}, {}, 0
-    for batch in _progress(batches, f"import {src.name}", count):
-        figures = batch.column("figure")   # read per row, only when a city's map is still needed
-        columns = {c: batch.column(c).to_pylist() for c in batch.schema.names if c != "figure"}
-        for i in range(batch.num_rows):
-            rid = f"{src.dataset}/{src.split}/{n_rows}"
-            n_rows += 1
-            row = {c: values[i] for c, values in columns.items()}
-
-            def note(reason, detail="", rid=rid):
-                _tally(notes, reason, f"{rid}: {detail}" if detail else rid)
-            try:
-                made = convert(row, lambda i=i: figures[i].as_py(), rid, run, note, base)
-            except _Lost as e:
-                _tally(lost, e.reason, f"{rid}: {e.detail}" if e.detail else rid, per_row)
-                continue
-            for rec in made:
-                problem = _check_record(rec, out_base, figure_ok)
-                if problem:    # our mapping made something load_records would refuse
-                    _tally(lost, f"record check: {problem}", rec["id"])
-                else:
-                    records.append(rec)
-    if n_rows == 0:
-        raise ValueError(f"{src.where}: no rows")
-    expected = n_rows * per_row
-    summary = {"source": src.where, "format": fmt, "rows": n_rows, "records": records,
-               "lost": lost, "notes": notes, "unused_columns": unused,
-               "path": os.path.join(run.out, src.name + ".jsonl")}
-    n_lost = expected - len(records)
-    if n_lost > max_lost * expected:
-        raise ValueError(f"{src.where}: {n_lost} of {expected} records could not be mapped, more "
-                         f"than the {max_lost:.1%} allowed (--max-lost); nothing written for it\n"
-                         + _release_lines(summary, "lost"))
-    _write_jsonl(summary["path"] + ".part", records)
-    os.replace(summary["path"] + ".part", summary["path"])
-    return summary
-
-
-def _release_lines(summary, key):
-    label = {"lost": "lost", "notes": "note"}[key]
-    return "\n".join(f"  {label}: {n} x {reason} (first: {example})"
-                     for reason, (n, example) in sorted(summary[key].items(), key=lambda kv: -kv[1][0]))
-
-
-def release_report(summary):
-    """What `data.py release` prints for one file: rows, records per type (and template), every
-    loss and note by reason with its count and first example, and the columns not used."""
-    recs = summary["records"]
-    by_type = collections.Counter(r["type"] for r in recs)
-    templates = collections.Counter(r["template"] for r in recs if r["type"] == "planning")
-    lines = [f"{summary['source']} ({summary['format']}) -> {summary['path']}: "
-             f"{summary['rows']} rows, {len(recs)} records",
-             "  " + "  ".join(f"{t}={by_type[t]}" for t in TYPES if by_type[t])
-             + (" (" + " ".join(f"{t}={templates[t]}" for t in TEMPLATE_NAMES if templates[t])
-                + ")" if templates else "")]
-    lines += [x for x in (_release_lines(summary, "lost"), _release_lines(summary, "notes")) if x]
-    if summary["unused_columns"]:
-        lines.append(f"  columns not used: {', '.join(summary['unused_columns'])}")
-    return "\n".join(lines)
-
-
-def release(paths, maps_dir, stations_dir, out_dir, max_lost=RELEASE_MAX_LOST, report=None):
-    """The authors' released files -> OUT/<name>.jsonl, one per file and split (name: the file's
-    stem, or <folder>-<split> for a save_to_disk folder), each loadable by load_records.
-
-    Record ids are <dataset>/<split>/<row>[/short|/long]; metro comes from --stations (else the
-    row's `json`); figures point at maps under --maps, or at maps decoded into OUT/maps/.
-    Returns one summary per file (release_report prints it; `report` is called with each as it
-    is done). ValueError naming the file (and the column) when a file cannot be read, or when more
-    than max_lost of its records cannot be mapped; files imported before it stay written."""
-    _arrow()
-    sources = [src for path in paths for src in _release_sources(path)]
-    names = {}
-    for src in sources:
-        if src.name in names:
-            raise ValueError(f"{names[src.name]} and {src.where} would both be written to "
-                             f"{src.name}.jsonl: import them into different --out folders")
-        names[src.name] = src.where
-    os.makedirs(out_dir, exist_ok=True)
-    run = _Release(maps_dir, stations_dir, out_dir)
-    summaries = []
-    for src in sources:
-        summaries.append(_release_file(src, run, max_lost))
-        if report:
-            report(summaries[-1])
-    return summaries
-
-
-# ---------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
@@ -1680,23 +1070,7 @@ def main(argv=None):
     r.add_argument("--out", required=True)
     r.add_argument("--per-type", type=int, default=20)
     r.add_argument("--seed", type=int, default=0)
-    x = sub.add_parser("release", help="the authors' released datasets (ReasonMap-Plus, "
-                       "ReasonMap-Train, ReasonMap) -> OUT/<name>.jsonl; needs pyarrow")
-    x.add_argument("paths", nargs="+", metavar="PATH",
-                   help="a .parquet file, a save_to_disk folder, or a folder of either")
-    x.add_argument("--maps", required=True, help="the RewardMap repository's maps/ folder")
-    x.add_argument("--stations", required=True, help="the ReasonMap repository's stations/ folder")
-    x.add_argument("--out", required=True)
-    x.add_argument("--max-lost", type=float, default=RELEASE_MAX_LOST,
-                   help="fail a file if more than this share of its records cannot be mapped")
     a = p.parse_args(argv)
-    if a.cmd == "release":
-        try:
-            release(a.paths, a.maps, a.stations, a.out, max_lost=a.max_lost,
-                    report=lambda summary: print(release_report(summary), flush=True))
-        except (ValueError, ImportError) as e:
-            sys.exit(f"data.py release: {e}")
-        return
     if a.cmd == "synth":
         paths = synth(a.out, cities=a.cities, seed=a.seed, per_type=a.per_type)
     else:
@@ -1709,3 +1083,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+

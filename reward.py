@@ -1,174 +1,38 @@
-"""RewardMap's reward (§4.2, Alg. 1) and ReasonMap's scoring (RM §B.1-B.3).
+"""RewardMap's reward (§4.2, Alg. 1 in App. B.1) and ReasonMap's scoring (RM §B.1-B.3).
+
+    R = W · (R_format + R_correctness + α·R_detail)                                  (§4.2)
+    W = γ[map difficulty] (+ β for a planning question whose best route transfers)
+    R_format ∈ {0, 1}, R_correctness ∈ {0, 10}, R_detail: Alg. 1 (planning only), at most 10
 
 Shared by train.py (rewards for GRPO) and eval.py (accuracy, map score): one parser, one scorer.
-No torch, no model code, never evaluates model text.
+The file reads in that order: constants and weights, the reward, Alg. 1, then parsing the
+answers, matching names, and ReasonMap's map score (RM Alg. 2, evaluation only). No torch, no
+model code, never evaluates model text; everything that reads model text takes any string of any
+size (or even a non-string) and never raises; only a malformed *record* raises, with a ValueError
+naming the field. Where this departs from the paper or the release: docs/deviations.md, "Reward".
 
     from reward import compute_reward, explain, map_score
     compute_reward(response, record)   # {"format", "correctness", "detail", "weight", "total"}
     explain(response, record)          # the same, plus "trace": the Alg. 1 lines that fired
     python test_all.py reward          # its tests
-
-Everything that reads model text takes any string of any size (or even a non-string) and never
-raises; only a malformed *record* raises, with a ValueError naming the field.
 """
 import functools
 import re
 import unicodedata
 
-# ---------------------------------------------------------------------------------------------
-# Name normalisation (DESIGN.md §3). Used by data.py too, so that "the same stop" means the same
-# thing when questions are generated and when answers are scored.
-
-_PARENS = re.compile(r"\([^()]*\)|（[^（）]*）|\[[^\[\]]*\]")
-_NOT_WORD = re.compile(r"[^\w\s]|_")
-_SPACES = re.compile(r"\s+")
-_STOP_SUFFIX = re.compile(r"(?:\s+station|\s*站)$")
-_LINE_PREFIX = re.compile(r"^(?:line|route)")
-_LINE_SUFFIX = re.compile(r"(?:line|号线|线)$")
-_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
-
-
-def _base(name):
-    text = unicodedata.normalize("NFKC", str(name)).casefold()
-    text = _PARENS.sub(" ", text)
-    text = _NOT_WORD.sub(" ", text)
-    return _SPACES.sub(" ", text).strip()
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def normalize_stop(name):
-    """'Palmetto Station ' -> 'palmetto'; '西单站（换乘站）' -> '西单'; 'Dr. King' -> 'dr king'."""
-    text = _base(name)
-    stripped = _STOP_SUFFIX.sub("", text).strip()
-    return stripped or text
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def normalize_line(name):
-    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'. Digits that
-    punctuation or spaces separate stay apart: 'Line 1.0' -> '1.0', not Line 10's '10'."""
-    text = _DIGIT_GAP.sub(".", _base(name)).replace(" ", "")
-    text = _LINE_PREFIX.sub("", text) or text
-    return _LINE_SUFFIX.sub("", text) or text
-
-
-# ReasonMap's reference routes name lines as the map services do (RM §3: Gaode in China, Google
-# elsewhere). Its evaluator (main.py) maps them per city with a chain of regexes; here one set of
-# rules does it for every city, plus the names no rule can derive (from that evaluator).
-SERVICE_LINE_ALIASES = {
-    "beijing": {"八通线": "Line 1", "大兴线": "Line 4"},     # through-running extensions
-    "kl": {"KTM Batu Caves - Pulau Sebang/Tampin": "Line 1",
-           "KTM Tanjung Malim - Pelabuhan Klang": "Line 2", "Ampang Line": "Line 3",
-           "LRT Sri Petaling Line": "Line 4", "LRT Kelana Jaya Line": "Line 5",
-           "MRT Kajang Line": "Line 9", "MRT Putrajaya Line": "Line 12"},
-}
-# "-es"/"-as" end Budapest's "M1-es metróvonal"; _base has already split them off.
-_SERVICE_WORDS = {"metro", "metrorail", "subway", "linea", "line", "route", "train", "mrt", "lrt",
-                  "ktm", "metróvonal", "es", "as"}
-_SERVICE_CJK = re.compile(r"^(?:地铁|轨道交通)|(?:号线|线)$")
-_TRAILING_NUMBER = re.compile(r"(?<=[^\W\d_])\d+$")
-
-
-def _service_key(name):
-    return _SERVICE_CJK.sub("", "".join(w for w in _base(name).split() if w not in _SERVICE_WORDS))
-
-
-def _abbreviates(short, word):
-    """'sth' -> 'southern', 'grn' -> 'green': same first letter, the rest in order."""
-    if len(short) < 2 or short == word or short[0] != word[:1]:
-        return False
-    rest = iter(word)
-    return all(ch in rest for ch in short)
-
-
-def service_line(name, lines, city=None):
-    """The Metro Data line (one of `lines`) that a map service's route name means, or None.
-
-    '地铁5号线(后关--虎滩新区)' -> 'Line 5', '地铁昌平线(…)' -> '昌平线', 'Metro A Line' /
-    'Metro B-Line' -> 'Line A' / 'Line B', 'Linea C' -> 'Line C', 'B1' (Rome) -> 'Line B',
-    'M1-es metróvonal' -> 'Line 1' (Budapest) but 'M1' -> 'Line M1' (Sydney), 'MRed2' -> 'Red Line',
-    'MGrn' -> 'Green Line', 'Sth' -> 'Southern Line', '5 Train' -> '5', '12' -> 'Line 12'.
-    Rules are tried in that order of boldness; a rule counts only if exactly one line fits."""
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
-        return None
-    key = _service_key(name)
-    for alias, line in SERVICE_LINE_ALIASES.get(city, {}).items():
-        if line in lines and _service_key(alias) == key:
-            return line
-    keys = {line: {normalize_line(line), _service_key(line)} for line in lines}
-    tries = [normalize_line(name), key]
-    if key[:1] == "m":
-        tries.append(key[1:])                             # M1 (Budapest), MRed2 (Dubai)
-    tries += [_TRAILING_NUMBER.sub("", t) for t in tries]   # B1 (Rome's branch), Red2
-    for fits in (lambda t, k: t == k, _abbreviates):
-        for t in tries:
-            hits = [line for line in lines if t and any(fits(t, k) for k in keys[line])]
-            if len(hits) == 1:
-                return hits[0]
-    return None
-
-
-# Model text can put megabytes into one field. No stop or line name is this long, so such a field
-# matches nothing (except the very same text elsewhere in the answer), and it never reaches the
-# lru caches above. "\0" cannot occur in a normalised name (_NOT_WORD turns it into a space).
-MAX_NAME = 200
-
-
-def _stop_key(text):
-    return normalize_stop(text) if len(text) <= MAX_NAME else "\0" + text
-
-
-def _line_key(text):
-    return normalize_line(text) if len(text) <= MAX_NAME else "\0" + text
-
 
 # ---------------------------------------------------------------------------------------------
-# Constants of the paper.
+# Constants of the paper (§4.2; App. C.1; RM §B.3)
 
 PLUS_TYPES = ("TorF1", "TorF2", "Counting1", "Counting2", "Counting3")
 TYPES = PLUS_TYPES + ("planning",)
+DIFFICULTIES = ("easy", "middle", "hard")  # map difficulty (difficulty_city)
+TEMPLATE_NAMES = ("short", "long1", "long2")  # long1 asks "Number of Via Stops: N", long2 "Via Stops: ..."
 GAMMA = {"easy": 1.0, "middle": 1.2, "hard": 1.5}       # §4.2 map difficulty γ
 BETA_TRANSFER = 0.5                                     # §4.2 β for routes with a transfer
 PLUS_EVAL_WEIGHT = {"easy": 1.0, "middle": 1.5, "hard": 2.0}   # App. C.1, ReasonMap-Plus
 LEVEL = {"easy": 0, "middle": 1, "hard": 2}             # RM §B.3, m
 CORRECT = 10.0                                          # the released code's scale
-DIFFICULTIES = ("easy", "middle", "hard")  # map difficulty (difficulty_city)
-TEMPLATE_NAMES = ("short", "long1", "long2")  # long1 asks "Number of Via Stops: N", long2 "Via Stops: ..."
-
-
-# ---------------------------------------------------------------------------------------------
-# Record checks: a bad record is a bug upstream, so it raises, naming the field.
-
-def _need(record, key, kind, what):
-    if not isinstance(record, dict):
-        raise ValueError(f"record must be a dict, got {type(record).__name__}")
-    value = record.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ValueError(f"record {record.get('id', '?')!r}: field {key!r} must be {what}, "
-                         f"got {value!r:.80}")
-    return value
-
-
-def _type(record):
-    kind = _need(record, "type", str, "one of " + "/".join(TYPES))
-    if kind not in TYPES:
-        raise ValueError(f"record {record.get('id', '?')!r}: unknown type {kind!r}")
-    return kind
-
-
-def _difficulty(record):
-    level = _need(record, "difficulty_city", str, "easy/middle/hard")
-    if level not in GAMMA:
-        raise ValueError(f"record {record.get('id', '?')!r}: difficulty_city {level!r} "
-                         "is not easy/middle/hard")
-    return level
-
-
-def _transfers(record):
-    count = _need(record, "question_transfer_count", int, "an int >= 0")
-    if count < 0:
-        raise ValueError(f"record {record.get('id', '?')!r}: question_transfer_count {count} < 0")
-    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +54,121 @@ def plus_weight(record):
 def reasonmap_weight(record):
     """RM §B.3: 1 + 0.5·q + 0.5·m, q = 0/1/2 for 0/1/>=2 transfers, m = 0/1/2 for map level."""
     return 1.0 + 0.5 * min(_transfers(record), 2) + 0.5 * LEVEL[_difficulty(record)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The reward (§4.2): R = W · (R_format + R_correctness + α·R_detail).
+
+def compute_reward(response, record, *, alpha=0.5, difficulty_aware=True, detail=True):
+    """Reward parts for one response. format ∈ {0,1}, correctness ∈ {0,10}, detail (planning,
+    Alg. 1, <= 10, may be negative; 0 when detail=False), weight (1 when difficulty_aware=False),
+    total = weight * (format + correctness + alpha * detail).
+    Deviation: R_format kept, as in the paper, not dropped as released (docs/deviations.md)."""
+    return _reward(response, record, alpha, difficulty_aware, detail, None)
+
+
+def explain(response, record, *, alpha=0.5, difficulty_aware=True, detail=True):
+    """compute_reward's dict plus "trace": [(points, reason), ...]. Planning: every line of Alg. 1
+    that fired, in order (the cap included), so the points sum to "detail" exactly. Other types:
+    one line, the parsed answer against the gold one (0 points: they have no detail term)."""
+    trace = []
+    out = _reward(response, record, alpha, difficulty_aware, detail, trace)
+    out["trace"] = trace
+    return out
+
+
+def _reward(response, record, alpha, difficulty_aware, detail, trace):
+    kind = _type(record)
+    weight = difficulty_weight(record) if difficulty_aware else 1.0
+    if kind == "planning":
+        sections = _sections(response)
+        correct, det = _planning(record, sections, trace if detail else None)
+        fmt = 1.0 if sections else 0.0
+        if trace is not None and not detail:
+            trace.append((0.0, "detail reward off (the --no-detail ablation)"))
+    else:
+        expected = _plus_expected(record, kind)
+        box = parse_boxed(response)
+        fmt = 1.0 if box is not None and box.strip() else 0.0
+        answer = _plus_answer(kind, box)
+        correct, det = answer == expected, 0.0
+        if trace is not None:
+            trace.append((0.0, _plus_reason(box, answer, expected)))
+    det = det if detail else 0.0
+    cor = CORRECT if correct else 0.0
+    return {"format": fmt, "correctness": cor, "detail": det, "weight": weight,
+            "total": weight * (fmt + cor + alpha * det)}
+
+
+def _plus_reason(box, answer, expected):
+    if box is None:
+        got = "no \\boxed{} answer"
+    elif answer is None:
+        got = f"boxed {_quote(box)} does not parse as an answer of this type"
+    else:
+        got = f"answer {answer!r}"
+    return f"{got}; gold {expected!r}: " + ("right" if answer == expected else "wrong")
+
+
+# ---------------------------------------------------------------------------------------------
+# Alg. 1 (§4.2, App. B.1): the detail reward of a planning answer, with ReasonMap's own check of
+# a correct route (RM §B.1).
+
+def _planning(record, sections, trace=None):
+    """(correct, detail) for parsed sections; the official check (RM §B.1) and Alg. 1.
+    Lines and stops match after normalisation, so "1号线" and "Line 1" are one line (Deviation:
+    the release looks names up verbatim; docs/deviations.md). Optimality is not checked (nor there).
+    trace: a list that receives each Alg. 1 line that fires as (points, reason), for explain();
+    compute_reward passes None, and then only a fired line pays one `is not None` test."""
+    lookup = _metro_lookup(record.get("metro"))
+    s1 = _stop_key(_need(record, "station_1", str, "a stop name"))
+    s2 = _stop_key(_need(record, "station_2", str, "a stop name"))
+    transfers = _transfers(record)
+    if not sections:
+        if trace is not None:
+            trace.append((0.0, "no section parses (Route Name, Departure Stop, Arrival Stop)"))
+        return False, 0.0
+    keys = _keyed(sections)
+    n = len(keys)
+    ok = [_route_ok(lookup, line, dep, arr) for line, dep, arr in keys]
+    linked = [keys[i][2] == keys[i + 1][1] for i in range(n - 1)]
+    first, last = keys[0][1] == s1, keys[-1][2] == s2
+    correct = first and last and all(ok) and all(linked)
+
+    # Deviation: Alg. 1 as printed, not as released (docs/deviations.md).
+    score = 2.0 if first or last else 0.0
+    if score and trace is not None:
+        trace.append((2.0, _endpoint_reason(record, first, last)))
+    for i in range(n):                     # i = transfers made before segment i
+        if i > transfers:
+            score -= 5.0
+            if trace is not None:
+                trace.append((-5.0, f"segment {i + 1} follows transfer {i}, more than the "
+                                    f"question's fewest ({transfers})"))
+        if i == 0 and ok[0]:
+            score += 4.0
+            if trace is not None:
+                trace.append((4.0, f"segment 1: route name {_quote(sections[0][0])} exists and "
+                                   "serves both its stops"))
+        if ok[i] and i < n - 1 and linked[i]:
+            score += 1.0
+            if trace is not None:
+                trace.append((1.0, f"segment {i + 1} is on its line and arrives where segment "
+                                   f"{i + 2} departs ({_quote(sections[i][2])})"))
+    if score > 10.0 and trace is not None:
+        trace.append((10.0 - score, "cap at 10"))
+    return correct, min(score, 10.0)      # no lower bound, as printed
+
+
+def _quote(text, limit=60):
+    """Model text inside a trace line: quoted, at most `limit` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _endpoint_reason(record, first, last):
+    departure = f"departure matches station_1 ({record['station_1']!r})"
+    arrival = f"arrival matches station_2 ({record['station_2']!r})"
+    return f"{departure} and {arrival}" if first and last else departure if first else arrival
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,9 +215,8 @@ def _clean_box(text):
 
 
 def _plus_answer(kind, box):
-    # The release lower-cases the box, drops spaces and needs "yes"/"no"/"a".."d"/int(...) exactly;
-    # here the usual decorations ("(B)", "B)", "Option B", "3 lines", "Yes, they are") also count,
-    # since the model is told to box the answer, not how to dress it. Nothing else is interpreted.
+    # "(B)", "B)", "Option B", "3 lines", "Yes, they are" count too; nothing else is interpreted.
+    # Deviation: decorations accepted, the release's exact match is not (docs/deviations.md).
     if box is None:
         return None
     text = _clean_box(box)
@@ -274,9 +252,9 @@ def _plus_expected(record, kind):
 #     Departure Stop: A
 #     Arrival Stop: B
 #     [Number of Via Stops: 3 | Via Stops: X, Y, Z]      (long templates)
-# The released parser needs each field on its own line ("Route Name: (.*?)\n"); the paper's own
-# examples put them on one line, so a field's value runs to the next label or the end of the line,
-# whichever comes first. Labels match ASCII-case-insensitively, markdown bold around them allowed.
+# A field's value runs to the next label or the end of the line, whichever comes first (Deviation:
+# fields may share a line, as in the paper's examples; docs/deviations.md). Labels match
+# ASCII-case-insensitively, markdown bold around them allowed.
 # If a label repeats inside one section the first one counts. A section counts iff Route Name,
 # Departure Stop and Arrival Stop all appear with non-empty values.
 
@@ -323,7 +301,7 @@ def _via_count(text):
     """The count in "Number of Via Stops: 3" ("about 3 stops", "3 (A, B, C)", "**3**" too), or
     None when it does not parse: missing, no digits ("three"), negative, not an integer ("3.5"),
     two numbers ("2 or 3"), over 9 digits. Unicode decimal digits count ("３", "٣" = 3).
-    The release (ReasonMap main.py) takes the first digit run and reads no digits as 0."""
+    Deviation: the release takes the first digit run, no digits as 0 (docs/deviations.md)."""
     if text is None or len(text) > MAX_NAME:
         return None
     numbers = _NUMBER.findall(_PARENS.sub(" ", text))
@@ -346,6 +324,58 @@ def parse_answer(response, record):
     if kind == "planning":
         return parse_route(response) or None
     return _plus_answer(kind, parse_boxed(response))
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: a stop or a line is "the same" after normalisation, both when data.py generates questions
+# and when answers are scored (data.py imports normalize_stop).
+
+_PARENS = re.compile(r"\([^()]*\)|（[^（）]*）|\[[^\[\]]*\]")
+_NOT_WORD = re.compile(r"[^\w\s]|_")
+_SPACES = re.compile(r"\s+")
+_STOP_SUFFIX = re.compile(r"(?:\s+station|\s*站)$")
+_LINE_PREFIX = re.compile(r"^(?:line|route)")
+_LINE_SUFFIX = re.compile(r"(?:line|号线|线)$")
+_DIGIT_GAP = re.compile(r"(?<=\d) (?=\d)")
+
+
+def fold_name(name):
+    """Case, width, parentheses and punctuation folded away: what stops and lines share."""
+    text = unicodedata.normalize("NFKC", str(name)).casefold()
+    text = _PARENS.sub(" ", text)
+    text = _NOT_WORD.sub(" ", text)
+    return _SPACES.sub(" ", text).strip()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize_stop(name):
+    """'Palmetto Station ' -> 'palmetto'; '西单站（换乘站）' -> '西单'; 'Dr. King' -> 'dr king'."""
+    text = fold_name(name)
+    stripped = _STOP_SUFFIX.sub("", text).strip()
+    return stripped or text
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize_line(name):
+    """'Line 1' = 'line1' = '1' = 'Route 1' = '1号线' -> '1'; 'Red Line' -> 'red'. Digits that
+    punctuation or spaces separate stay apart: 'Line 1.0' -> '1.0', not Line 10's '10'."""
+    text = _DIGIT_GAP.sub(".", fold_name(name)).replace(" ", "")
+    text = _LINE_PREFIX.sub("", text) or text
+    return _LINE_SUFFIX.sub("", text) or text
+
+
+# Model text can put megabytes into one field. No stop or line name is this long, so such a field
+# matches nothing (except the very same text elsewhere in the answer), and it never reaches the
+# lru caches above. "\0" cannot occur in a normalised name (_NOT_WORD turns it into a space).
+MAX_NAME = 200
+
+
+def _stop_key(text):
+    return normalize_stop(text) if len(text) <= MAX_NAME else "\0" + text
+
+
+def _line_key(text):
+    return normalize_line(text) if len(text) <= MAX_NAME else "\0" + text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,127 +434,6 @@ def _route_ok(lookup, line, dep, arr):
     return False
 
 
-def _planning(record, sections, trace=None):
-    """(correct, detail) for parsed sections; the official check (RM §B.1) and Alg. 1.
-    The release looks route names up verbatim in the Metro Data (with two Beijing aliases,
-    八通 -> Line 1 and 大兴 -> Line 4, hard-coded); here lines and stops match after DESIGN.md §3
-    normalisation, so "1号线" and "Line 1" are one line. Optimality is not checked (nor there).
-    trace: a list that receives each Alg. 1 line that fires as (points, reason), for explain();
-    compute_reward passes None, and then only a fired line pays one `is not None` test."""
-    lookup = _metro_lookup(record.get("metro"))
-    s1 = _stop_key(_need(record, "station_1", str, "a stop name"))
-    s2 = _stop_key(_need(record, "station_2", str, "a stop name"))
-    transfers = _transfers(record)
-    if not sections:
-        if trace is not None:
-            trace.append((0.0, "no section parses (Route Name, Departure Stop, Arrival Stop)"))
-        return False, 0.0
-    keys = _keyed(sections)
-    n = len(keys)
-    ok = [_route_ok(lookup, line, dep, arr) for line, dep, arr in keys]
-    linked = [keys[i][2] == keys[i + 1][1] for i in range(n - 1)]
-    first, last = keys[0][1] == s1, keys[-1][2] == s2
-    correct = first and last and all(ok) and all(linked)
-
-    # Alg. 1 as printed in the paper (§4.2). The authors' release (verl/utils/reward_score/
-    # reason_map.py, get_detailed_reward_planning) differs, and we follow the paper:
-    #  - it needs BOTH endpoints (AND) for the +2, and scores nothing else without them; the
-    #    paper's OR gives partial credit to an answer that gets one end right, which is the point
-    #    of a dense reward;
-    #  - it penalises when (i+1) > count, i.e. the last segment of every correct route loses 5
-    #    (a correct direct route scores 2+4-5 = 1); the paper's i > count only penalises segments
-    #    beyond the fewest transfers;
-    #  - it gives +3 per existing line on transfer routes (and +4 only to a direct route on the
-    #    line through both endpoints) instead of the paper's +4 for a valid first segment.
-    score = 2.0 if first or last else 0.0
-    if score and trace is not None:
-        trace.append((2.0, _endpoint_reason(record, first, last)))
-    for i in range(n):                     # i = transfers made before segment i
-        if i > transfers:
-            score -= 5.0
-            if trace is not None:
-                trace.append((-5.0, f"segment {i + 1} follows transfer {i}, more than the "
-                                    f"question's fewest ({transfers})"))
-        if i == 0 and ok[0]:
-            score += 4.0
-            if trace is not None:
-                trace.append((4.0, f"segment 1: route name {_quote(sections[0][0])} exists and "
-                                   "serves both its stops"))
-        if ok[i] and i < n - 1 and linked[i]:
-            score += 1.0
-            if trace is not None:
-                trace.append((1.0, f"segment {i + 1} is on its line and arrives where segment "
-                                   f"{i + 2} departs ({_quote(sections[i][2])})"))
-    if score > 10.0 and trace is not None:
-        trace.append((10.0 - score, "cap at 10"))
-    return correct, min(score, 10.0)      # no lower bound, as printed
-
-
-def _quote(text, limit=60):
-    """Model text inside a trace line: quoted, at most `limit` characters."""
-    return repr(text if len(text) <= limit else text[:limit] + "…")
-
-
-def _endpoint_reason(record, first, last):
-    departure = f"departure matches station_1 ({record['station_1']!r})"
-    arrival = f"arrival matches station_2 ({record['station_2']!r})"
-    return f"{departure} and {arrival}" if first and last else departure if first else arrival
-
-
-# ---------------------------------------------------------------------------------------------
-# The reward (§4.2): R = W · (R_format + R_correctness + α·R_detail).
-
-def compute_reward(response, record, *, alpha=0.5, difficulty_aware=True, detail=True):
-    """Reward parts for one response. format ∈ {0,1}, correctness ∈ {0,10}, detail (planning,
-    Alg. 1, <= 10, may be negative; 0 when detail=False), weight (1 when difficulty_aware=False),
-    total = weight * (format + correctness + alpha * detail). The released code has no format
-    term (10·acc + 0.5·detail); the paper's R_format is kept here at 1 point."""
-    return _reward(response, record, alpha, difficulty_aware, detail, None)
-
-
-def explain(response, record, *, alpha=0.5, difficulty_aware=True, detail=True):
-    """compute_reward's dict plus "trace": [(points, reason), ...]. Planning: every line of Alg. 1
-    that fired, in order (the cap included), so the points sum to "detail" exactly. Other types:
-    one line, the parsed answer against the gold one (0 points: they have no detail term)."""
-    trace = []
-    out = _reward(response, record, alpha, difficulty_aware, detail, trace)
-    out["trace"] = trace
-    return out
-
-
-def _reward(response, record, alpha, difficulty_aware, detail, trace):
-    kind = _type(record)
-    weight = difficulty_weight(record) if difficulty_aware else 1.0
-    if kind == "planning":
-        sections = _sections(response)
-        correct, det = _planning(record, sections, trace if detail else None)
-        fmt = 1.0 if sections else 0.0
-        if trace is not None and not detail:
-            trace.append((0.0, "detail reward off (the --no-detail ablation)"))
-    else:
-        expected = _plus_expected(record, kind)
-        box = parse_boxed(response)
-        fmt = 1.0 if box is not None and box.strip() else 0.0
-        answer = _plus_answer(kind, box)
-        correct, det = answer == expected, 0.0
-        if trace is not None:
-            trace.append((0.0, _plus_reason(box, answer, expected)))
-    det = det if detail else 0.0
-    cor = CORRECT if correct else 0.0
-    return {"format": fmt, "correctness": cor, "detail": det, "weight": weight,
-            "total": weight * (fmt + cor + alpha * det)}
-
-
-def _plus_reason(box, answer, expected):
-    if box is None:
-        got = "no \\boxed{} answer"
-    elif answer is None:
-        got = f"boxed {_quote(box)} does not parse as an answer of this type"
-    else:
-        got = f"answer {answer!r}"
-    return f"{got}; gold {expected!r}: " + ("right" if answer == expected else "wrong")
-
-
 # ---------------------------------------------------------------------------------------------
 # Map score (RM Alg. 2, evaluation only), after the released ReasonMap main.py:
 #   against each reference route, if both endpoints are right: +1, then per aligned segment
@@ -534,15 +443,8 @@ def _plus_reason(box, answer, expected):
 #     long2 "Via Stops": (10·IoU + min(10, hits)) / 2, where hits counts answered via stops in the
 #       aligned reference segment and IoU pools the via stops of segments whose line is right;
 #   cap 10 (short) / 20 (long); +10 / +20 when the route is correct; best over reference routes.
-# Differences from the release, and why: names are compared after DESIGN.md §3 normalisation (the
-# release maps Google/Gaode line names with per-city regexes; our references already use Metro
-# Data names); via stops are scored in every city (the release only where names end in "站");
-# hits count each distinct stop once per segment (the release counts repeats, so listing one stop
-# ten times scored 10); the release's arrival-stop typo (it tests the departure's suffix) is not
-# copied; a via count with no digits scores nothing (the release reads it as 0, which is exact, 4
-# points, when the reference segment has no via stops) and "-3", "3.5" or "2 or 3" do not parse
-# (the release takes the first digit run: 3, 3, 2). Template comes from record["template"]
-# (None -> short).
+# Template comes from record["template"] (None -> short).
+# Deviation: names normalised, via stops in every city, no repeats (docs/deviations.md).
 
 def map_score_max(record):
     """Best possible map score: 20 for the short template, 40 for the long ones."""
@@ -627,3 +529,38 @@ def map_score(response, record):
         score = min(score, cap) + (bonus if correct else 0.0)
         best = max(best, score)
     return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Record checks: a bad record is a bug upstream, so it raises, naming the field.
+
+def _need(record, key, kind, what):
+    if not isinstance(record, dict):
+        raise ValueError(f"record must be a dict, got {type(record).__name__}")
+    value = record.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"record {record.get('id', '?')!r}: field {key!r} must be {what}, "
+                         f"got {value!r:.80}")
+    return value
+
+
+def _type(record):
+    kind = _need(record, "type", str, "one of " + "/".join(TYPES))
+    if kind not in TYPES:
+        raise ValueError(f"record {record.get('id', '?')!r}: unknown type {kind!r}")
+    return kind
+
+
+def _difficulty(record):
+    level = _need(record, "difficulty_city", str, "easy/middle/hard")
+    if level not in GAMMA:
+        raise ValueError(f"record {record.get('id', '?')!r}: difficulty_city {level!r} "
+                         "is not easy/middle/hard")
+    return level
+
+
+def _transfers(record):
+    count = _need(record, "question_transfer_count", int, "an int >= 0")
+    if count < 0:
+        raise ValueError(f"record {record.get('id', '?')!r}: question_transfer_count {count} < 0")
+    return count

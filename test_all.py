@@ -39,6 +39,7 @@ import curriculum
 import data
 import grpo
 import reward
+from tools import release
 from reward import (compute_reward, parse_boxed, parse_route, parse_answer, difficulty_weight,
                     plus_weight, reasonmap_weight, map_score, map_score_max,
                     normalize_stop, normalize_line)
@@ -59,7 +60,7 @@ def need_reasonmap():
 
 
 # =============================================================================================
-# data.py — Metro Data, route oracle, questions, synthetic maps, records, images (§3; DESIGN.md §2)
+# data.py — Metro Data, route oracle, questions, synthetic maps, records, images (§3, App. A; RM §3)
 # =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +415,7 @@ def test_data_real_build_split_and_answers():
 
 
 # ---------------------------------------------------------------------------------------------
-# data.py release: the authors' released files, as fixtures written here in their formats
+# tools/release.py: the authors' released files (App. A), as fixtures written here in their formats
 # (Parquet with their columns, a datasets save_to_disk folder, base64 maps) on real Metro Data
 
 def _need_release():
@@ -422,7 +423,7 @@ def _need_release():
     try:
         import pyarrow  # noqa: F401
     except ImportError:
-        skip("pyarrow is absent (an optional extra: pip install pyarrow)")
+        skip("pyarrow is not installed (pip install pyarrow)")
     return root
 
 
@@ -583,8 +584,8 @@ def _release_fixture(tmp, root):
 
 def _release(paths, *keys, **kw):
     lines = []
-    out = data.release([paths[k] for k in keys], paths["maps"], paths["stations"], paths["out"],
-                       report=lambda s: lines.append(data.release_report(s)), **kw)
+    out = release.release([paths[k] for k in keys], paths["maps"], paths["stations"], paths["out"],
+                          report=lambda s: lines.append(release.release_report(s)), **kw)
     return out, "\n".join(lines)
 
 
@@ -611,9 +612,9 @@ def test_data_release_service_line_names():
     for city, names in cases.items():
         lines = list(_stations(root, city)[city])
         for name, want in names.items():
-            assert reward.service_line(name, lines, city.split("/")[1]) == want, (city, name)
-    assert reward.service_line("八通线", ["Line 1"], "shanghai") is None   # aliases are per city
-    assert reward.service_line("x" * 10_000, ["Line 1"]) is None
+            assert release.service_line(name, lines, city.split("/")[1]) == want, (city, name)
+    assert release.service_line("八通线", ["Line 1"], "shanghai") is None   # aliases are per city
+    assert release.service_line("x" * 10_000, ["Line 1"]) is None
 
 def test_data_release_plus_parquet_every_mapping():
     root = _need_release()
@@ -706,9 +707,9 @@ def test_data_release_hub_shards_image_bytes_arrow_map_and_plain_dataset():
     """The other readings: hub-style Parquet shards (one split), figures as image bytes and as
     datasets' Image struct, json as an Arrow map and as an object (Dalian is not in --stations),
     and a folder saved from a single Dataset."""
+    root = _need_release()
     import pyarrow as pa
     import pyarrow.parquet as pq
-    root = _need_release()
     dalian = _stations(root, "china/dalian")["china/dalian"]
     rows = [dict(_plus_row("TorF1", 1, "china/dalian", "Are 姚家站 and 华北路站 on the same line?",
                            "姚家站", "华北路站"), figure=_png("green"), json=list(dalian.items())),
@@ -754,7 +755,7 @@ def test_data_release_bad_files_name_file_and_column():
                             ("list", ["column 'answer'", "list<", "int or float or string or bool"]),
                             ("none", ["'question'", "'question_short'", "prompt"])):
             path = os.path.join(tmp, "bad", name + ".parquet")
-            _raises(lambda: data.release([path], paths["maps"], paths["stations"], paths["out"]),
+            _raises(lambda: release.release([path], paths["maps"], paths["stations"], paths["out"]),
                     path, *words)
         # rows that cannot be mapped: counted by reason, and over --max-lost nothing is written
         rows = good + [dict(good[0], type="TorF9"), dict(good[0], answer=5),
@@ -775,12 +776,12 @@ def test_data_release_bad_files_name_file_and_column():
                 "different --out")
         with contextlib.redirect_stderr(io.StringIO()):
             try:
-                data.main(["release", lossy, "--maps", paths["maps"], "--stations",
-                           paths["stations"], "--out", paths["out"]])
+                release.main([lossy, "--maps", paths["maps"], "--stations",
+                              paths["stations"], "--out", paths["out"]])
             except SystemExit as e:
-                assert str(e.code).startswith("data.py release: ") and "unknown type" in str(e.code)
+                assert str(e.code).startswith("tools/release.py: ") and "unknown type" in str(e.code)
             else:
-                raise AssertionError("data.py release should exit with an error")
+                raise AssertionError("tools/release.py should exit with an error")
         with mock.patch.dict(sys.modules, {"pyarrow": None}):
             try:
                 _release(paths, "plus")
@@ -1208,7 +1209,8 @@ def test_reward_never_evaluates_model_text():
 
 
 # ---------------------------------------------------------------------------------------------
-# Agreement with an independent implementation of DESIGN.md §3 on the 30 real cities.
+# Agreement with an independent implementation of the scoring (§4.2, Alg. 1; RM §B.1) on the 30
+# real cities.
 # Nothing below calls reward.py except the two normalisers; the parser works from str.find over
 # a lower-cased copy instead of one regex, the network check walks the raw Metro Data each time.
 
