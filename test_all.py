@@ -1650,7 +1650,7 @@ def test_grpo_advantages_bad_input():
 
 
 def test_grpo_weight_cancels_with_scale_not_centred():
-    # DESIGN.md §4: the difficulty weight w (same for the whole group: one question, one map)
+    # §4.1-4.2: the difficulty weight w (same for the whole group: one question, one map)
     # multiplies every reward. x = format + correctness + 0.5 * detail for 4 samples:
     x = torch.tensor([1 + 10 + 0.5 * 9, 1 + 0 + 0.5 * 2, 0.0, 1 + 0 + 0.5 * 6])  # 15.5, 2, 0, 4
     w = 1.5  # γ of a hard map; any w shared by the group shows the same
