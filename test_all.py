@@ -140,7 +140,7 @@ def _rederive(rec):
         truth = abs(i - j) - 1
         opts = rec["options"]
         assert len(set(opts)) == 4 and opts["ABCD".index(rec["answer"])] == truth, rec["id"]
-        assert all(f"{'ABCD'[k]}. {o}" in rec["question"] for k, o in enumerate(opts))
+        assert all(f" \n{'ABCD'[k]}) {o} \n" in rec["question"] for k, o in enumerate(opts))
     elif t == "Counting2":
         assert rec["answer"] == sum(on(rec["station_1"], l) for l in metro), rec["id"]
     elif t == "Counting3":
@@ -248,6 +248,83 @@ def test_data_ambiguous_names_not_asked():
         assert "125 St" not in (r["station_1"], r["station_2"])
         for route in r["routes"]:
             assert all(s["arrival_stop"] != "125 St" for s in route[:-1])
+
+
+# App. A.2's templates, written out here by hand (not taken from data.PLUS_TEMPLATES) and filled
+# with a record's own stops, line and options: Counting1 as the authors' released example
+# (RewardMap README), the others as the paper prints them, with the release's "\boxed{}".
+def _a2_ask(extra):
+    return f'Please solve the problem and put your answer{extra} in one "\\boxed{{}}". According to the subway map, '
+
+
+_A2_EXPECTED = {
+    "Counting1": lambda r: ('Please solve the multiple choice problem and put your answer (one of ABCD) '
+                            'in one "\\boxed{}". According to the subway map, how many intermediate '
+                            f'stops are there between {r["station_1"]} and {r["station_2"]} (except for '
+                            'this two stops)? ' + '\nA) {} \nB) {} \nC) {} \nD) {} \n'.format(*r["options"])),
+    "Counting2": lambda r: _a2_ask("") + f'how many lines pass through {r["station_1"]}?',
+    "Counting3": lambda r: _a2_ask("") + "how many subway (metro) lines are there in total?",
+    "TorF1": lambda r: _a2_ask(" (only answer yes or no)")
+    + f'is it true that {r["station_1"]} is the same line as {r["station_2"]}?',
+    "TorF2": lambda r: _a2_ask(" (only answer yes or no)")
+    + f'is it true that {r["station_1"]} is on the line {r["line"]}?',
+}
+_A2_METRO = {"Red Line": ["Alpha", "Bravo", "Central", "Delta", "Echo", "Foxtrot"],
+             "Blue Line": ["Golf", "Central", "Hotel", "India"], "Green Line": ["India", "Juliet"]}
+
+
+def _check_a2(kind):
+    recs = data.make_questions(_A2_METRO, city="a2", country="c", difficulty="easy", figure="x.png",
+                               rng=random.Random(5), per_type=6)
+    recs = [r for r in recs if r["type"] == kind]
+    assert recs, kind
+    for r in recs:
+        assert r["question"] == _A2_EXPECTED[kind](r), (r["question"], _A2_EXPECTED[kind](r))
+    return recs
+
+
+def test_data_a2_template_counting1():
+    for r in _check_a2("Counting1"):
+        assert r["question"].startswith("Please solve the multiple choice problem")
+        assert release._release_options(r["question"]) == r["options"]   # the importer reads them back
+    # the authors' own released question (RewardMap README; PLUS_ROWS below), to the character
+    readme = next(row["question"] for row, *_ in PLUS_ROWS if row["type"] == "Counting1")
+    assert data.PLUS_TEMPLATES["Counting1"].format(s1="Danube Station", s2="lbn Battuta Station",
+                                                   o0=8, o1=1, o2=25, o3=12) == readme
+
+
+def test_data_a2_template_counting2():
+    assert {r["station_1"] for r in _check_a2("Counting2")} <= {s for v in _A2_METRO.values() for s in v}
+
+
+def test_data_a2_template_counting3():
+    (r,) = _check_a2("Counting3")
+    assert r["question"] == ('Please solve the problem and put your answer in one "\\boxed{}". '
+                             'According to the subway map, how many subway (metro) lines are there '
+                             'in total?')
+
+
+def test_data_a2_template_torf1():
+    _check_a2("TorF1")
+
+
+def test_data_a2_template_torf2():
+    assert {r["line"] for r in _check_a2("TorF2")} <= set(_A2_METRO)
+
+
+def test_data_real_questions_follow_a2_templates():
+    """`python data.py real` on ReasonMap's Metro Data: every ReasonMap-Plus question is its App.
+    A.2 template filled with the record's own stops, line and options (no city name)."""
+    root = need_reasonmap()
+    with tempfile.TemporaryDirectory() as d:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train, test = data.real(os.path.join(root, "stations"), os.path.join(root, "maps"), d,
+                                    per_type=3)
+        recs = [r for r in data.load_records(train) + data.load_records(test) if r["type"] != "planning"]
+    for r in recs:
+        assert r["question"] == _A2_EXPECTED[r["type"]](r), (r["id"], r["question"])
+    assert {r["type"] for r in recs} == set(_A2_EXPECTED) and len({r["city"] for r in recs}) == 17
 
 
 def test_data_city_difficulty_on_real_cities():
