@@ -868,6 +868,59 @@ def test_data_release_bad_files_name_file_and_column():
                 raise AssertionError("no ImportError without pyarrow")
 
 
+def _app_a1_records():
+    """4,018 records as the importer makes them (type, difficulty_city, id dataset/split/row) whose
+    totals are App. A.1's: each field's values laid out in blocks of the paper's counts."""
+    def block(counts):
+        return [k for k, n in counts for _ in range(n)]
+    types = block([("Counting1", 1050), ("Counting2", 970), ("Counting3", 30), ("TorF1", 1039),
+                   ("TorF2", 929)])
+    levels = block([("easy", 1259), ("middle", 1342), ("hard", 1417)])
+    splits = block([("test", 1448), ("train", 2570)])
+    assert len(types) == len(levels) == len(splits) == 4018
+    return [{"id": f"ReasonMap-Plus/{sp}/{i}", "type": t, "difficulty_city": d}
+            for i, (t, d, sp) in enumerate(zip(types, levels, splits))]
+
+
+def test_data_release_app_a1_totals_match_no_warning():
+    recs = _app_a1_records()
+    assert release.check_app_a1(recs) == []
+    text = release.app_a1_report(recs)
+    assert "4,018 questions (4,018)" in text and "Counting1=1,050 (1,050)" in text
+    assert "middle=1,342 (1,342)" in text and "test=1,448 (1,448)  train=2,570 (2,570)" in text
+
+
+def test_data_release_app_a1_totals_differ_named():
+    recs = _app_a1_records()
+    del recs[0]                                  # a Counting1 / easy / test question fewer
+    torf1 = next(r for r in recs if r["type"] == "TorF1" and r["difficulty_city"] == "middle")
+    torf1["type"] = "planning"                   # and one of a type App. A.1 does not list
+    assert release.check_app_a1(recs) == [
+        "type Counting1: App. A.1 has 1,050, found 1,049", "type TorF1: App. A.1 has 1,039, found 1,038",
+        "type planning: App. A.1 has 0, found 1", "difficulty_city easy: App. A.1 has 1,259, found 1,258",
+        "split test: App. A.1 has 1,448, found 1,447"]
+
+
+def test_data_release_command_prints_app_a1_totals_and_warns():
+    """The import command checks ReasonMap-Plus (and only it) against App. A.1: totals on stdout,
+    one warning per differing count on stderr, and the import itself succeeds."""
+    root = _need_release()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = _release_fixture(tmp, root)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            release.main([paths["plus"], paths["train"], "--maps", paths["maps"], "--stations",
+                          paths["stations"], "--out", paths["out"]])
+        assert len(data.load_records(os.path.join(paths["out"], "test.jsonl"))) == len(PLUS_ROWS)
+        assert "ReasonMap-Plus totals (App. A.1 in brackets): 8 questions (4,018)" in out.getvalue()
+        assert "split: test=8 (1,448)  train=0 (2,570)" in out.getvalue()   # ReasonMap-Train not counted
+        warned = err.getvalue().splitlines()
+        assert all(w.startswith("tools/release.py: warning: ReasonMap-Plus differs from App. A.1: ")
+                   for w in warned)
+        assert "tools/release.py: warning: ReasonMap-Plus differs from App. A.1: type Counting1: App. " \
+               "A.1 has 1,050, found 1" in warned and len(warned) == 5 + 3 + 2
+
+
 def test_data_release_train_two_steps_and_eval_rescore():
     root = _need_release()
     with tempfile.TemporaryDirectory() as tmp:
