@@ -2172,8 +2172,9 @@ def _full_vocab_logprobs(m, ro, temperature=1.0):
 
 def test_train_logprobs_chunked_equal_full_vocab_and_never_build_it():
     """model.token_logprobs applies the head in recomputed chunks: values and gradients equal the
-    full-vocabulary path (fp32: 1e-6; bf16 autocast: 2e-2, the size of bf16's own error against
-    fp32, measured 1.9 %), and no tensor wider than one chunk of vocabulary rows ever exists."""
+    full-vocabulary path (fp32: 1e-6; bf16 autocast: values 2e-2, gradients as close to fp32's as
+    the full path's bf16 gradients are, or 2e-2), and no tensor wider than one chunk of
+    vocabulary rows ever exists."""
     import model
     from torch.utils._python_dispatch import TorchDispatchMode
     m, p = model.build_tiny()
@@ -2205,6 +2206,8 @@ def test_train_logprobs_chunked_equal_full_vocab_and_never_build_it():
         (lp * w).sum().backward()
         return lp.detach(), {n: q.grad.clone() for n, q in m.named_parameters()}
 
+    rel = lambda a, b: float((a - b).norm() / b.norm().clamp_min(1e-12))  # noqa: E731
+    fp32_g = {}
     for bf16, tol in ((False, 1e-6), (True, 2e-2)):
         for temperature in (1.0, 0.7):
             ref, ref_g = run(lambda: _full_vocab_logprobs(m, ro, temperature), bf16)
@@ -2212,9 +2215,16 @@ def test_train_logprobs_chunked_equal_full_vocab_and_never_build_it():
                 new, new_g = run(lambda: model.token_logprobs(
                     m, ro, temperature=temperature, chunk_bytes=4 * V * per_chunk), bf16)
             assert float((new - ref).abs().max()) <= tol, (bf16, temperature)
-            for name, g in ref_g.items():
-                err = float((new_g[name] - g).norm() / g.norm().clamp_min(1e-12))
-                assert err <= (2e-6 if not bf16 else tol), (bf16, name, err)
+            if not bf16:
+                fp32_g[temperature] = ref_g
+                for name, g in ref_g.items():
+                    assert rel(new_g[name], g) <= 2e-6, (name, rel(new_g[name], g))
+            else:   # bf16 rounds the two paths differently (the vision patch-embedding's gradient:
+                # full path 3-4 % off fp32's); the chunked one must be as close to fp32's
+                for name, g in ref_g.items():
+                    truth = fp32_g[temperature][name]
+                    err, own = rel(new_g[name], truth), rel(g, truth)
+                    assert err <= max(tol, 1.25 * own), (name, err, own)
             assert probe.widest == per_chunk * V     # the full path has rows x T x V
             assert ro.completion_mask.numel() * V > 10 * probe.widest
     # No completion token at all (grpo_loss's 0 * sum case): backward still reaches every
