@@ -294,20 +294,29 @@ def _route_cost(route):
 
 # ---------------------------------------------------------------------------------------------
 # Questions (RewardMap App. A.2; ReasonMap App. A.1).
-# Deviation: the wording is ours, the answer formats the release's (docs/deviations.md).
-
-_BOX = "Put your final answer in \\boxed{{}}."
+# ReasonMap-Plus: App. A.2's five templates verbatim (stop 1 / stop 2 / x -> {s1} / {s2} / {line},
+# Counting1's options {o0}..{o3}). Counting1 is character for character the authors' released
+# example (RewardMap README, output of its utils/prepare_data_for_sft.py): straight quotes,
+# "\boxed{}", options " \nA) 8 \nB) 1 \nC) 25 \nD) 12 \n". The other four are App. A.2's text
+# (the PDF drops the backslash and curls the quotes) with that same '"\boxed{}"'. No city in
+# the question, as in the release. Planning: the wording is ours (ReasonMap's code has no prompt
+# templates; it reads question_short / question_long from its dataset), the answer formats the
+# release's (docs/deviations.md).
 PLUS_TEMPLATES = {
-    "TorF1": "Look at the transit map of {city}. Are {s1} and {s2} on the same line? "
-             "Answer yes or no. " + _BOX,
-    "TorF2": "Look at the transit map of {city}. Is {s1} a stop of {line}? Answer yes or no. " + _BOX,
-    "Counting1": "Look at the transit map of {city}. How many intermediate stops are there between "
-                 "{s1} and {s2} on {line} (not counting {s1} and {s2})? "
-                 "A. {o0}  B. {o1}  C. {o2}  D. {o3}. Answer with the option's letter. " + _BOX,
-    "Counting2": "Look at the transit map of {city}. How many lines pass through {s1}? "
-                 "Answer with a number. " + _BOX,
-    "Counting3": "Look at the transit map of {city}. How many lines are there on this map? "
-                 "Answer with a number. " + _BOX,
+    "Counting1": 'Please solve the multiple choice problem and put your answer (one of ABCD) in one '
+                 '"\\boxed{{}}". According to the subway map, how many intermediate stops are there '
+                 'between {s1} and {s2} (except for this two stops)? '
+                 '\nA) {o0} \nB) {o1} \nC) {o2} \nD) {o3} \n',
+    "Counting2": 'Please solve the problem and put your answer in one "\\boxed{{}}". According to '
+                 'the subway map, how many lines pass through {s1}?',
+    "Counting3": 'Please solve the problem and put your answer in one "\\boxed{{}}". According to '
+                 'the subway map, how many subway (metro) lines are there in total?',
+    "TorF1": 'Please solve the problem and put your answer (only answer yes or no) in one '
+             '"\\boxed{{}}". According to the subway map, is it true that {s1} is the same line as '
+             '{s2}?',
+    "TorF2": 'Please solve the problem and put your answer (only answer yes or no) in one '
+             '"\\boxed{{}}". According to the subway map, is it true that {s1} is on the line '
+             '{line}?',
 }
 _PLAN_HEAD = ("Look at the transit map of {city}. Plan a metro route from {s1} to {s2} with the "
               "fewest transfers. Give one section per line you ride, in this format, and separate "
@@ -396,7 +405,7 @@ class _City:
     bad: set          # normalised stops never asked about
     safe: list        # the other stops, sorted
     blocked: list     # names (as written) where no reference route may transfer
-    title: str        # the city as the questions name it
+    title: str        # the city as the planning questions name it
     common: dict      # the make_record fields shared by all its questions
 
 
@@ -432,9 +441,7 @@ def make_questions(metro, *, city, country, difficulty, figure, rng, per_type=10
 
 
 def _torf1(c, rng, n):
-    """TorF1, App. A.2 "True or False 1": "Please solve the problem and put your answer (only
-    answer yes or no) in one "\\boxed{}". According to the subway map, is it true that stop 1 is
-    the same line as stop 2?" Yes and no balanced."""
+    """TorF1, App. A.2 "True or False 1" (are stop 1 and stop 2 on one line). Yes and no balanced."""
     def candidate(want_yes):
         def make():
             if want_yes:
@@ -452,16 +459,14 @@ def _torf1(c, rng, n):
     out = []
     for i, (_, a, b) in enumerate(_balanced(rng, n, candidate(True), candidate(False), 50)):
         same = bool(set(c.lines_of[a]) & set(c.lines_of[b]))
-        q = PLUS_TEMPLATES["TorF1"].format(city=c.title, s1=c.disp[a], s2=c.disp[b])
+        q = PLUS_TEMPLATES["TorF1"].format(s1=c.disp[a], s2=c.disp[b])
         out.append(make_record("TorF1", i, q, "yes" if same else "no", s1=c.disp[a], s2=c.disp[b],
                                **c.common))
     return out
 
 
 def _torf2(c, rng, n):
-    """TorF2, App. A.2 "True or False 2": "Please solve the problem and put your answer (only
-    answer yes or no) in one "\\boxed{}". According to the subway map, is it true that stop 1 is on
-    the line x?" Yes and no balanced."""
+    """TorF2, App. A.2 "True or False 2" (is stop 1 on line x). Yes and no balanced."""
     def candidate(want_yes):
         def make():
             line = rng.choice(list(c.metro))
@@ -476,16 +481,14 @@ def _torf2(c, rng, n):
         return make
     out = []
     for i, (_, a, line) in enumerate(_balanced(rng, n, candidate(True), candidate(False), 50)):
-        q = PLUS_TEMPLATES["TorF2"].format(city=c.title, s1=c.disp[a], line=line)
+        q = PLUS_TEMPLATES["TorF2"].format(s1=c.disp[a], line=line)
         ans = "yes" if line in c.lines_of[a] else "no"
         out.append(make_record("TorF2", i, q, ans, s1=c.disp[a], line=line, **c.common))
     return out
 
 
 def _counting1(c, rng, n):
-    """Counting1, App. A.2 "Local Counting 1": "Please solve the multiple choice problem and put your
-    answer (one of ABCD) in one "\\boxed{}". According to the subway map, how many intermediate
-    stops are there between stop 1 and stop 2 (except for this two stops)? A) x B) x C) x D) x".
+    """Counting1, App. A.2 "Local Counting 1" (intermediate stops between stop 1 and stop 2, A-D).
     Two stops listed once on a line that is not a loop (a loop has two answers); the right count
     and three others within 4 of it, shuffled."""
     seen, out = set(), []
@@ -508,18 +511,16 @@ def _counting1(c, rng, n):
         rng.shuffle(options)
         letter = "ABCD"[options.index(k)]
         a, b = (names[i], names[j]) if rng.random() < 0.5 else (names[j], names[i])
-        q = PLUS_TEMPLATES["Counting1"].format(city=c.title, s1=c.disp[a], s2=c.disp[b], line=line,
-                                               o0=options[0], o1=options[1], o2=options[2],
-                                               o3=options[3])
+        q = PLUS_TEMPLATES["Counting1"].format(s1=c.disp[a], s2=c.disp[b], o0=options[0],
+                                               o1=options[1], o2=options[2], o3=options[3])
         out.append(make_record("Counting1", len(out), q, letter, s1=c.disp[a], s2=c.disp[b],
                                line=line, options=options, **c.common))
     return out
 
 
 def _counting2(c, rng, n):
-    """Counting2, App. A.2 "Local Counting 2": "Please solve the problem and put your answer in one
-    "\\boxed{}". According to the subway map, how many lines pass through stop 1?" Half of the
-    stops are transfer stations, where counting is the skill."""
+    """Counting2, App. A.2 "Local Counting 2" (lines through stop 1). Half of the stops are
+    transfer stations, where counting is the skill."""
     hubs = [s for s in c.safe if len(c.lines_of[s]) > 1]
     chosen = []
     for k in range(n):
@@ -528,16 +529,14 @@ def _counting2(c, rng, n):
         if not rest:
             break
         chosen.append(rng.choice(rest))
-    return [make_record("Counting2", i, PLUS_TEMPLATES["Counting2"].format(city=c.title, s1=c.disp[a]),
+    return [make_record("Counting2", i, PLUS_TEMPLATES["Counting2"].format(s1=c.disp[a]),
                         len(c.lines_of[a]), s1=c.disp[a], **c.common)
             for i, a in enumerate(chosen)]
 
 
 def _counting3(c):
-    """Counting3, App. A.2 "Global Counting": "Please solve the problem and put your answer in one
-    "\\boxed{}". According to the subway map, how many subway (metro) lines are there in total?"
-    One question per map."""
-    return [make_record("Counting3", 0, PLUS_TEMPLATES["Counting3"].format(city=c.title),
+    """Counting3, App. A.2 "Global Counting" (lines in the map). One question per map."""
+    return [make_record("Counting3", 0, PLUS_TEMPLATES["Counting3"].format(),
                         len(c.metro), **c.common)]
 
 

@@ -24,6 +24,8 @@ from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig, Qwen2_
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+import data   # the question templates, for the tiny tokenizer's corpus (data imports no model code)
+
 # Qwen2.5's special tokens, in Qwen's id order after the ordinary vocabulary. The tiny tokenizer
 # carries the same strings so the same chat template and processor code serve both models.
 SPECIAL_TOKENS = [
@@ -97,23 +99,21 @@ AutoProcessor.register(Qwen2_5_VLConfig, ImageProcessor, exist_ok=True)
 def _tiny_corpus():
     """A fixed, deterministic corpus for the tiny BPE tokenizer.
 
-    The answer formats of every question type are in it many times, so BPE learns "\\boxed{yes}",
-    "Route Name: " and the like as single tokens. A random tiny policy then emits a well-formed answer
-    now and then, which is what gives GRPO any signal at all (a strict multi-token reward gives a
-    random model nothing). Real Qwen has its own tokenizer; this choice
-    only shapes the CPU quick start.
+    The question templates (data.py's, so the prompts tokenize compactly) and the answer formats of
+    every question type are in it many times, so BPE learns "\\boxed{yes}", "Route Name: " and the
+    like as single tokens. A random tiny policy then emits a well-formed answer now and then, which
+    is what gives GRPO any signal at all (a strict multi-token reward gives a random model nothing).
+    Real Qwen has its own tokenizer; this choice only shapes the CPU quick start.
     """
     answers = ["yes", "no", "A", "B", "C", "D"] + [str(i) for i in range(21)]
     boxed = [f"\\boxed{{{a}}}" for a in answers]
     route = ["Route Name: Line {i}\nDeparture Stop: Stop {j}\nArrival Stop: Stop {k}\n"
              "Number of Via Stops: {n}\n--\n".format(i=i, j=j, k=k, n=(i + j) % 7)
              for i in range(1, 10) for j in range(1, 6) for k in range(1, 4)]
-    words = ("Please answer the question about the metro map in the image. Are the stops on the "
-             "same line? Is the station on line? How many lines pass through the station? How many "
-             "intermediate stops are there between them? Which of the options is right? Plan a "
-             "route from the departure station to the arrival station with the fewest transfers. "
-             "Put your final answer in \\boxed{} . Answer in the following format: ")
-    return [words] * 20 + boxed * 40 + route * 2
+    # the question wording itself, from data.py's templates (App. A.2; planning: ours)
+    questions = [t.format(city="City", s1="Stop 1", s2="Stop 2", line="Line 1", o0=1, o1=2, o2=3, o3=4)
+                 for t in (*data.PLUS_TEMPLATES.values(), *data.PLANNING_TEMPLATES.values())]
+    return questions * 4 + boxed * 40 + route * 2
 
 
 def build_tokenizer(vocab_size=640):

@@ -18,7 +18,9 @@ as ints or as "yes"/"B"; `json` as a dict, JSON text or a path; `routes` as an o
 list or JSON text; `figure` as a path, base64 text or image bytes).
 
 Map services name lines their own way (RM §3: Gaode in China, Google elsewhere); service_line()
-turns those names into Metro Data lines. Needs pyarrow (an optional extra: pip install pyarrow).
+turns those names into Metro Data lines. ReasonMap-Plus's totals by type, map difficulty and split
+are printed and checked against App. A.1 (a warning on stderr names each count that differs).
+Needs pyarrow (an optional extra: pip install pyarrow).
 Where this departs from the release: docs/deviations.md, "Released-dataset importer".
 """
 import argparse
@@ -496,7 +498,8 @@ class _Release:
 
     def figure(self, country, city, value_of, base, note):
         """Absolute path of the row's map. value_of() is only called when the city's map was not
-        decoded yet: ReasonMap repeats a base64 map of ~100 MB in every row."""
+        decoded yet: ReasonMap repeats its map in every row, base64 PNG text without a `data:`
+        prefix, ~6-7 MB a row."""
         key = (country, city)
         if key in self.decoded:
             return self.decoded[key]
@@ -662,8 +665,8 @@ def _release_file(src, run, max_lost):
     if n_rows == 0:
         raise ValueError(f"{src.where}: no rows")
     expected = n_rows * per_row
-    summary = {"source": src.where, "format": fmt, "rows": n_rows, "records": records,
-               "lost": lost, "notes": notes, "unused_columns": unused,
+    summary = {"source": src.where, "dataset": src.dataset, "format": fmt, "rows": n_rows,
+               "records": records, "lost": lost, "notes": notes, "unused_columns": unused,
                "path": os.path.join(run.out, src.name + ".jsonl")}
     n_lost = expected - len(records)
     if n_lost > max_lost * expected:
@@ -726,6 +729,54 @@ def release(paths, maps_dir, stations_dir, out_dir, max_lost=RELEASE_MAX_LOST, r
 
 
 # ---------------------------------------------------------------------------------------------
+# ReasonMap-Plus against the paper's totals
+
+# App. A.1: ReasonMap-Plus holds 4,018 questions, by type, by map difficulty and by split (the 11
+# test cities of ReasonMap make the test split).
+APP_A1_COUNTS = {
+    "type": {"Counting1": 1050, "Counting2": 970, "Counting3": 30, "TorF1": 1039, "TorF2": 929},
+    "difficulty_city": {"easy": 1259, "middle": 1342, "hard": 1417},
+    "split": {"test": 1448, "train": 2570},
+}
+
+
+def app_a1_totals(records):
+    """{"type" | "difficulty_city" | "split": Counter} of records (ids: dataset/split/row)."""
+    return {"type": collections.Counter(r["type"] for r in records),
+            "difficulty_city": collections.Counter(r["difficulty_city"] for r in records),
+            "split": collections.Counter(r["id"].split("/")[1] for r in records)}
+
+
+def check_app_a1(records):
+    """One message per count that differs from App. A.1 (APP_A1_COUNTS), naming expected and found;
+    [] when every count matches."""
+    found, out = app_a1_totals(records), []
+    for key, want in APP_A1_COUNTS.items():
+        for name in list(want) + sorted(set(found[key]) - set(want)):
+            if found[key][name] != want.get(name, 0):
+                out.append(f"{key} {name}: App. A.1 has {want.get(name, 0):,}, "
+                           f"found {found[key][name]:,}")
+    return out
+
+
+def app_a1_report(records):
+    """The totals check_app_a1 compares, each with App. A.1's figure in brackets."""
+    found = app_a1_totals(records)
+    lines = [f"ReasonMap-Plus totals (App. A.1 in brackets): {len(records):,} questions (4,018)"]
+    for key, want in APP_A1_COUNTS.items():
+        names = list(want) + sorted(set(found[key]) - set(want))
+        lines.append(f"  {key}: " + "  ".join(f"{n}={found[key][n]:,} ({want.get(n, 0):,})"
+                                             for n in names))
+    return "\n".join(lines)
+
+
+def is_reasonmap_plus(summary):
+    """Whether an imported file is ReasonMap-Plus (its folder's name, as the authors' download
+    script saves FSCCS/ReasonMap-Plus) rather than ReasonMap-Train or ReasonMap."""
+    return summary["dataset"].lower() == "reasonmap-plus" and summary["format"] != "ReasonMap"
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 def main(argv=None):
@@ -740,10 +791,16 @@ def main(argv=None):
                    help="fail a file if more than this share of its records cannot be mapped")
     a = p.parse_args(argv)
     try:
-        release(a.paths, a.maps, a.stations, a.out, max_lost=a.max_lost,
-                report=lambda summary: print(release_report(summary), flush=True))
+        summaries = release(a.paths, a.maps, a.stations, a.out, max_lost=a.max_lost,
+                            report=lambda summary: print(release_report(summary), flush=True))
     except (ValueError, ImportError) as e:
         sys.exit(f"tools/release.py: {e}")
+    plus = [r for s in summaries if is_reasonmap_plus(s) for r in s["records"]]
+    if plus:
+        print(app_a1_report(plus), flush=True)
+        for problem in check_app_a1(plus):
+            print(f"tools/release.py: warning: ReasonMap-Plus differs from App. A.1: {problem}",
+                  file=sys.stderr)
 
 
 if __name__ == "__main__":
