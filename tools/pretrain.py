@@ -216,6 +216,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
+    p.add_argument("--init", default=None,
+                   help="start from this model folder (e.g. another run's ckpt) instead of a fresh one")
     a = p.parse_args(argv)
     a.tasks = [t for t in a.tasks.split(",") if t]
     if not a.tasks or set(a.tasks) - set(TASKS):
@@ -250,9 +252,12 @@ def main(argv=None):
         net, processor = model_mod.load(ck, dtype=torch.float32)
         state = torch.load(os.path.join(ck, "pretrain_state.pt"), weights_only=False)
     else:
-        net, processor = model_mod.build_tiny(seed=a.seed)
-        model_mod.set_max_pixels(processor, legible.PIXELS)
+        if a.init:
+            net, processor = model_mod.load(a.init, dtype=torch.float32)
+        else:
+            net, processor = model_mod.build_tiny(seed=a.seed)
         state = {"step": 0, "seconds": 0.0}
+    model_mod.set_max_pixels(processor, legible.PIXELS)
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.0)
     if "optimizer" in state:
