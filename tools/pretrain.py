@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import string
 import sys
 import time
 
@@ -92,7 +93,7 @@ class Images(dict):
 def letter_ids(processor):
     tok = processor.tokenizer
     return {ch: tok.convert_tokens_to_ids(ch) for ch in
-            list(__import__("string").ascii_uppercase) + list("0123456789") + [EMPTY]}
+            list(string.ascii_uppercase) + list("0123456789") + [EMPTY]}
 
 
 def dense_labels(layout, ids, n_lines):
@@ -154,7 +155,6 @@ def evaluate(net, processor, cities, images, ids, batch=8):
                     stats["grid_stops"][1] += 1
         qs = []
         for c in part:
-            g = c[2]["grid"]
             for s, (col, row) in sorted(c[2]["cell"].items()):
                 qs.append((f"Read the map. Which letter is in row {row + 1}, column {col + 1}?", s, c))
         for j in range(0, len(qs), 32):
