@@ -3766,6 +3766,106 @@ def test_memory_plan_check_readme_reads_readme_and_docs():
 # =============================================================================================
 # The runner: discover test_* functions in this module, run them in file order.
 
+# tools/legible.py — the legible map style (one stop per image token) — and tools/pretrain.py
+
+def test_legible_geometry():
+    """Legible by construction, from the drawing's own geometry: every label (stop disk, legend
+    number) lies inside the canvas on exactly one merged 28x28 cell at the budget the model reads,
+    holds its glyph, overlaps no other label, and no line of another stop crosses a stop disk."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    from tools import legible
+    for seed in range(40):
+        metro, layout = legible.city(random.Random(seed))
+        img, geo = legible.draw(metro, layout)
+        W, H = img.size
+        assert (W, H) == geo["size"] == legible.SIZE
+        h, w = smart_resize(H, W, factor=28, min_pixels=56 * 56, max_pixels=legible.PIXELS)
+        assert (h, w) == (H, W), "the model must read the map unscaled"
+        assert len(set(sum(metro.values(), []))) == len(layout["cell"]) <= 26
+        labels = geo["labels"]
+        assert len(labels) == len(layout["cell"]) + len(metro)
+        for name, (x0, y0, x1, y1) in labels.items():
+            assert 0 <= x0 and 0 <= y0 and x1 <= W and y1 <= H, (seed, name)
+            assert x1 - x0 >= 28 and y1 - y0 >= 28 and x0 % 28 == 0 and y0 % 28 == 0, (seed, name)
+            g = geo["glyphs"][name]
+            assert x0 <= g[0] and y0 <= g[1] and g[2] <= x1 and g[3] <= y1, (seed, name, g)
+        boxes = list(labels.values())
+        for i, a in enumerate(boxes):
+            for b in boxes[i + 1:]:
+                assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
+        for s, (x0, y0, x1, y1) in labels.items():
+            centre = ((x0 + x1) / 2, (y0 + y1) / 2)
+            for line, p, q in geo["segments"]:
+                if s.startswith("legend:"):
+                    assert max(p[1], q[1]) + geo["width"] / 2 <= y0, (seed, s)
+                elif s not in metro[line]:
+                    d = legible.seg_distance(centre, p, q)
+                    assert d >= legible.RADIUS + geo["width"] / 2, (seed, s, line, d)
+
+
+def test_legible_dataset_deterministic_disjoint():
+    """Same seed -> identical PNG bytes and records; test cities (and networks) disjoint from
+    train; the records are data.py's own (load_records checks them; the six types are there)."""
+    from tools import legible
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        pa = legible.make(a, cities=10, seed=3, per_type=2, n_test=3)
+        legible.make(b, cities=10, seed=3, per_type=2, n_test=3)
+        for name in sorted(os.listdir(os.path.join(a, "maps"))):
+            with open(os.path.join(a, "maps", name), "rb") as f, \
+                    open(os.path.join(b, "maps", name), "rb") as g:
+                assert f.read() == g.read(), name
+        for split in ("train.jsonl", "test.jsonl"):
+            with open(os.path.join(a, split)) as f, open(os.path.join(b, split)) as g:
+                assert f.read() == g.read()
+        tr, te = data.load_records(pa[0]), data.load_records(pa[1])
+        assert {r["type"] for r in tr} == set(reward.TYPES)
+        net = lambda recs: {json.dumps(r["metro"], sort_keys=True) for r in recs}
+        assert len({r["city"] for r in te}) == 3 and len({r["city"] for r in tr}) == 7
+        assert not {r["city"] for r in tr} & {r["city"] for r in te}
+        assert not net(tr) & net(te)
+        with Image.open(os.path.join(a, tr[0]["figure"])) as im:
+            assert im.size == legible.SIZE
+
+
+def test_pretrain_runs_resumes_and_saves():
+    """tools/pretrain.py: a few steps, then --resume continues (same weights as a straight run),
+    the final folder loads in eval.py; its data hold no held-out city and no evaluated question."""
+    from tools import pretrain
+    import eval as eval_mod
+    import model as model_mod
+    from safetensors.torch import load_file
+    small = ["--cities", "10", "--test", "3", "--maps", "2", "--questions", "2", "--eval-every",
+             "2", "--eval-maps", "1", "--save-every", "2", "--threads", "2"]
+    with tempfile.TemporaryDirectory() as d, tempfile.TemporaryDirectory() as e:
+        with contextlib.redirect_stdout(io.StringIO()):
+            pretrain.main(["--out", d, "--max-steps", "2"] + small)
+            pretrain.main(["--out", d, "--max-steps", "3", "--resume"] + small)
+            pretrain.main(["--out", e, "--max-steps", "3"] + small + ["--eval-maps", "0"])
+        curve = [json.loads(x) for x in open(os.path.join(d, "curve.jsonl"))]
+        assert [c["steps"] for c in curve] == [2, 3] and "grid_stops" in curve[-1]
+        wa = load_file(os.path.join(d, "final", "model.safetensors"))
+        wb = load_file(os.path.join(e, "final", "model.safetensors"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed run differs from a straight one"
+        _, proc = model_mod.load(os.path.join(d, "final"))
+        assert proc.image_processor.size["longest_edge"] == pretrain.legible.PIXELS
+        out = os.path.join(d, "eval.json")
+        with contextlib.redirect_stdout(io.StringIO()):
+            eval_mod.main(["--model", os.path.join(d, "final"), "--data",
+                           os.path.join(d, "data", "test.jsonl"), "--out", out, "--limit", "2",
+                           "--max-new-tokens", "4"])
+        assert os.path.exists(out)
+        test_cities = {r["city"] for r in data.load_records(os.path.join(d, "data", "test.jsonl"))}
+        train_cities = {r["city"] for r in data.load_records(os.path.join(d, "data", "train.jsonl"))}
+        prefixes = [t.split("{")[0] for t in list(data.PLUS_TEMPLATES.values())
+                    + list(data.PLANNING_TEMPLATES.values())]
+        rows = [json.loads(x) for x in open(os.path.join(d, "pretrain.jsonl"))]
+        assert rows and {r["city"] for r in rows} <= train_cities
+        assert not {r["city"] for r in rows} & test_cities
+        for r in rows:
+            assert not any(r["question"].startswith(p) for p in prefixes), r["question"]
+            assert not any(p in r["question"] for p in prefixes), r["question"]
+
+
 def main(argv):
     pattern = argv[1] if len(argv) > 1 else ""
     module = sys.modules[__name__]
