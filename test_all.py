@@ -3838,7 +3838,8 @@ def test_legible_dataset_deterministic_disjoint():
 
 def test_pretrain_content_targets():
     """The tasks whose answers need no place on the map, on a hand-made city: every stop once in
-    alphabetical order, each line's stops sorted, the numbers of the lines through a stop."""
+    alphabetical order, each line's stops sorted, the numbers of the lines through a stop, and
+    boxed yes/no on whether a letter is a stop (two of each)."""
     from tools import pretrain
     metro = {"Line 1": ["Q", "C", "A"], "Line 3": ["C", "D"]}
     layout = {"grid": 7, "cell": {"Q": [0, 0], "C": [2, 0], "A": [4, 0], "D": [2, 2]}}
@@ -3849,6 +3850,13 @@ def test_pretrain_content_targets():
     assert [pretrain.through(metro, s) for s in "QCAD"] == ["1", "13", "1", "3"]
     through = [(q, a) for q, a, t in ex if t == "through"]
     assert len(through) == 3 and all(a == pretrain.through(metro, q[-2]) for q, a in through)
+    same = {ch: ch for ch in "ACDQ.0123456789"}
+    plain, lines = (pretrain.dense_labels(layout, same, metro, f) for f in (False, True))
+    assert "".join(plain[:21]) == "Q.C.A.." + "." * 7 + "..D...." and plain[49:] == list(".1.3...")
+    assert "".join(lines[:21]) == "Q1C1A.." + "..3...." + "..D...."
+    present = [(q[-2], a) for q, a, t in ex if t == "present"]
+    assert sorted(a for _, a in present) == ["\\boxed{no}"] * 2 + ["\\boxed{yes}"] * 2
+    assert all((x in "QCAD") == (a == "\\boxed{yes}") for x, a in present), present
     # the older tasks keep their examples: the new ones are drawn from their own rng
     old = [x for x in ex if x[2] in ("cell", "token", "grid", "line")]
     assert len(old) == 2 * 8 + 1 + 2 and old[0][2] in ("cell", "token", "grid", "line")
